@@ -1,0 +1,162 @@
+"""ResNet20 for CIFAR-10 (He et al. 2016, "Deep Residual Learning for Image Recognition",
+arXiv:1512.03385, section 4.2) and the registry of its conv layers.
+
+The net is the CIFAR variant: a 3x3 stem conv with 16 filters, three stages of three
+BasicBlocks with 16/32/64 filters (stride 2 at the start of stages 2 and 3), option-A
+shortcuts (strided identity, zero-padded channels: no parameters), global average pool
+and a 10-way linear classifier. 269,722 parameters, BatchNorm included.
+
+Conv layers are addressed by their module paths, which are stable and documented:
+``conv1`` (stem), then ``layer{1,2,3}.{0,1,2}.conv{1,2}`` - 19 in all, in forward order.
+Each conv is followed by the BatchNorm with the same path but ``bn`` for ``conv``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NUM_CLASSES = 10
+STAGE_WIDTHS = (16, 32, 64)
+BLOCKS_PER_STAGE = 3
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BatchNorm and ReLU, plus an option-A shortcut.
+
+    Input (N, in_planes, H, W) -> output (N, planes, H/stride, W/stride).
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride = stride
+        # Option A keeps the parameter count at the paper's 0.27M: the shortcut
+        # subsamples spatially and zero-pads the new channels.
+        self.pad = planes - in_planes
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1 and self.pad == 0:
+            return x
+        x = x[:, :, :: self.stride, :: self.stride]
+        half = self.pad // 2
+        return F.pad(x, (0, 0, 0, 0, half, self.pad - half))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """ResNet20, CIFAR variant (He et al. 2016, section 4.2).
+
+    forward: (N, 3, 32, 32) float -> (N, 10) logits.
+    """
+
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, STAGE_WIDTHS[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(STAGE_WIDTHS[0])
+        in_planes = STAGE_WIDTHS[0]
+        for stage, planes in enumerate(STAGE_WIDTHS, start=1):
+            blocks = []
+            for b in range(BLOCKS_PER_STAGE):
+                stride = 2 if (stage > 1 and b == 0) else 1
+                blocks.append(BasicBlock(in_planes, planes, stride))
+                in_planes = planes
+            setattr(self, f"layer{stage}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(in_planes, num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Kaiming-normal convs and linear (He et al. 2015), BN weight 1 / bias 0."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in")
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 32, 32) -> pooled features (N, 64)."""
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def resnet20(num_classes: int = NUM_CLASSES) -> ResNet20:
+    """A freshly initialised ResNet20 (269,722 parameters for 10 classes)."""
+    return ResNet20(num_classes)
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """One conv layer of the registry.
+
+    name: module path (``conv1``, ``layer2.0.conv1`` ...); bn: path of the BatchNorm after it;
+    filters: Cout; filter_shape: (Cin, kh, kw); stride: spatial stride;
+    residual: True when its output feeds the residual stream (stem and each block's conv2),
+    so its channels are tied to the shortcut.
+    """
+
+    name: str
+    bn: str
+    filters: int
+    filter_shape: tuple[int, int, int]
+    stride: int
+    residual: bool
+
+    @property
+    def stage(self) -> int:
+        """0 for the stem, 1..3 for the stages."""
+        return 0 if self.name == "conv1" else int(self.name[5])
+
+
+def _build_registry() -> tuple[ConvLayer, ...]:
+    layers = [ConvLayer("conv1", "bn1", STAGE_WIDTHS[0], (3, 3, 3), 1, True)]
+    in_planes = STAGE_WIDTHS[0]
+    for stage, planes in enumerate(STAGE_WIDTHS, start=1):
+        for b in range(BLOCKS_PER_STAGE):
+            stride = 2 if (stage > 1 and b == 0) else 1
+            p = f"layer{stage}.{b}"
+            layers.append(ConvLayer(f"{p}.conv1", f"{p}.bn1", planes, (in_planes, 3, 3), stride, False))
+            layers.append(ConvLayer(f"{p}.conv2", f"{p}.bn2", planes, (planes, 3, 3), 1, True))
+            in_planes = planes
+    return tuple(layers)
+
+
+CONV_LAYERS: tuple[ConvLayer, ...] = _build_registry()
+CONV_LAYER_NAMES: tuple[str, ...] = tuple(layer.name for layer in CONV_LAYERS)
+_BY_NAME = {layer.name: layer for layer in CONV_LAYERS}
+
+
+def conv_layers() -> tuple[ConvLayer, ...]:
+    """The 19 conv layers of ResNet20 in forward order, with filter count and filter shape."""
+    return CONV_LAYERS
+
+
+def conv_layer(name: str) -> ConvLayer:
+    """Registry entry for ``name``.
+
+    Raises KeyError naming the valid layer names when ``name`` is unknown.
+    """
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown conv layer {name!r}; valid names: {', '.join(CONV_LAYER_NAMES)}") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (BatchNorm affine included, running stats excluded)."""
+    return sum(p.numel() for p in model.parameters())
