@@ -106,8 +106,11 @@ def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4, 
         cx = torch.randint(0, w, (n,), generator=generator)
         ys = torch.arange(h)[None, :, None]
         xs = torch.arange(w)[None, None, :]
+        # Rows cy - cutout//2 .. cy - cutout//2 + cutout - 1 (likewise columns): a cutout x cutout square
+        # centred on (cy, cx), clipped at the borders, for odd and even sizes alike.
         half = cutout // 2
-        mask = ((ys - cy[:, None, None]).abs() <= half - (cutout % 2 == 0)) & ((xs - cx[:, None, None]).abs() <= half - (cutout % 2 == 0))
+        dy_, dx_ = ys - cy[:, None, None], xs - cx[:, None, None]
+        mask = (dy_ >= -half) & (dy_ < cutout - half) & (dx_ >= -half) & (dx_ < cutout - half)
         # Cut pixels become the dataset mean, i.e. zero after normalisation.
         mean = torch.tensor(MEAN).mul(255).round().to(out.dtype).view(1, 3, 1, 1)
         out = torch.where(mask[:, None], mean, out)

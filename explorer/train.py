@@ -72,6 +72,7 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
             (self.precision in ("fp32", "bf16"), "--precision must be fp32 or bf16"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+            (self.eval_every >= 1, "--eval-every must be >= 1"),
             (self.name and "/" not in self.name and not self.name.startswith("."), "--name must be a plain file name"),
         ]
         for ok, msg in checks:

@@ -1,0 +1,475 @@
+"""Filter-level pruning by clustering: k-means over each conv layer's filters, every filter
+replaced by its cluster centroid (Son et al. 2018, "Clustering Convolutional Kernels to Compress
+Deep Neural Networks"; k-means++ from scikit-learn, Arthur & Vassilvitskii 2007).
+
+Flow: ``ClusteringConfig`` (which layers, which k, options) -> :func:`cluster_model` (k-means per
+layer, cached) -> :func:`apply` (a new model with centroid filters; optional BatchNorm
+re-estimation) -> :mod:`explorer.evaluate` / :mod:`explorer.compress`.
+
+Options:
+
+- ``metric="euclidean"``: k-means on the raw filters. ``"cosine"``: k-means on L2-normalised
+  filters (spherical k-means, Dhillon & Modha 2001); each filter keeps its own norm, so a cluster
+  shares one direction and the per-filter scale lives in the following BatchNorm.
+- ``granularity="filter"``: one point per output filter (Cin*kh*kw values). ``"kernel"``: one point
+  per 2D kernel (kh*kw values), as in the first write-up of this idea; no structural savings.
+- ``fold_bn``: fold the following BatchNorm into each filter first (weights scaled by
+  gamma/sqrt(var+eps), plus a bias) and cluster [folded filter, bias]; clustered channels are then
+  identical after ReLU, which lets :mod:`explorer.compress` merge them.
+- ``recalibrate_bn=N``: after replacing filters, re-estimate every BatchNorm's running statistics on
+  N training images (Li et al. 2017, "Revisiting Batch Normalization for Practical Domain
+  Adaptation"; no gradient step).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .model import CONV_LAYER_NAMES, conv_layer
+
+METRICS = ("euclidean", "cosine")
+GRANULARITIES = ("filter", "kernel")
+MAX_RECALIBRATION_IMAGES = 50_000
+
+
+class ClusteringError(ValueError):
+    """A configuration that cannot be applied: the message names the layer and the valid range."""
+
+
+@dataclass(frozen=True)
+class ClusteringConfig:
+    """Per-layer cluster counts and options. JSON- and URL-serialisable.
+
+    ks: layer name -> k. A layer that is absent, or whose k equals its filter count, is left as is.
+    metric: "euclidean" | "cosine"; granularity: "filter" | "kernel"; fold_bn: cluster BN-folded
+    filters; recalibrate_bn: training images for BN re-estimation (0 = off); seed, n_init: k-means.
+    """
+
+    ks: Mapping[str, int] = field(default_factory=dict)
+    metric: str = "euclidean"
+    granularity: str = "filter"
+    fold_bn: bool = False
+    recalibrate_bn: int = 0
+    seed: int = 0
+    n_init: int = 3
+
+    def __post_init__(self):
+        object.__setattr__(self, "ks", dict(sorted(self.ks.items(), key=lambda kv: _layer_order(kv[0]))))
+
+    # ------------------------------------------------------------ validation
+    def validate(self) -> "ClusteringConfig":
+        """Return self. Raises ClusteringError for an unknown layer, k < 1, k > filter count, or a
+        bad option."""
+        for name, k in self.ks.items():
+            if name not in CONV_LAYER_NAMES:
+                raise ClusteringError(f"unknown conv layer {name!r}; valid names: {', '.join(CONV_LAYER_NAMES)}")
+            n = conv_layer(name).filters
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+                raise ClusteringError(f"{name}: k must be an integer, got {k!r}")
+            if k < 1:
+                raise ClusteringError(f"{name}: k = {k} < 1; choose k in 1..{n}")
+            if k > n:
+                raise ClusteringError(f"{name}: k = {k} exceeds its {n} filters; choose k in 1..{n}")
+        if self.metric not in METRICS:
+            raise ClusteringError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ClusteringError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if not 0 <= self.recalibrate_bn <= MAX_RECALIBRATION_IMAGES:
+            raise ClusteringError(f"recalibrate_bn must be in 0..{MAX_RECALIBRATION_IMAGES} images")
+        if self.n_init < 1:
+            raise ClusteringError("n_init must be >= 1")
+        return self
+
+    @property
+    def active(self) -> dict[str, int]:
+        """Layers that are actually clustered (k below the filter count), in forward order."""
+        return {n: k for n, k in self.ks.items() if k < conv_layer(n).filters}
+
+    def with_k(self, layer: str, k: int) -> "ClusteringConfig":
+        """A copy with ``layer`` set to ``k`` (k = filter count removes the entry)."""
+        ks = dict(self.ks)
+        if k >= conv_layer(layer).filters:
+            ks.pop(layer, None)
+        else:
+            ks[layer] = int(k)
+        return replace(self, ks=ks)
+
+    @classmethod
+    def uniform(cls, k: int, **options) -> "ClusteringConfig":
+        """Every conv layer at min(k, its filter count) - the first write-up used k = 3."""
+        return cls(ks={n: min(k, conv_layer(n).filters) for n in CONV_LAYER_NAMES}, **options)
+
+    # ------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        return {"ks": self.active, "metric": self.metric, "granularity": self.granularity,
+                "fold_bn": self.fold_bn, "recalibrate_bn": self.recalibrate_bn, "seed": self.seed,
+                "n_init": self.n_init}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def key(self) -> str:
+        """Canonical string: equal for configurations that give the same model."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ClusteringConfig":
+        """Strict: raises ClusteringError on unknown fields or invalid values."""
+        if not isinstance(d, Mapping):
+            raise ClusteringError("a clustering configuration must be a JSON object")
+        unknown = set(d) - {"ks", "metric", "granularity", "fold_bn", "recalibrate_bn", "seed", "n_init"}
+        if unknown:
+            raise ClusteringError(f"unknown configuration fields: {', '.join(sorted(unknown))}")
+        ks = d.get("ks", {})
+        if not isinstance(ks, Mapping):
+            raise ClusteringError("ks must map layer names to integers")
+        opts = {k: d[k] for k in ("metric", "granularity", "fold_bn", "recalibrate_bn", "seed", "n_init") if k in d}
+        for name in ("recalibrate_bn", "seed", "n_init"):
+            if name in opts and (isinstance(opts[name], bool) or not isinstance(opts[name], int)):
+                raise ClusteringError(f"{name} must be an integer")
+        if "fold_bn" in opts and not isinstance(opts["fold_bn"], bool):
+            raise ClusteringError("fold_bn must be true or false")
+        return cls(ks=dict(ks), **opts).validate()
+
+    @classmethod
+    def from_json(cls, text: str) -> "ClusteringConfig":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ClusteringError(f"not valid JSON: {e}") from None
+
+    def to_query(self) -> dict[str, str]:
+        """URL query parameters, readable when shared: ``metric=cosine&k.layer3.2.conv2=16``.
+        Options at their defaults are left out."""
+        q: dict[str, str] = {}
+        default = ClusteringConfig()
+        for name in ("metric", "granularity", "seed", "n_init", "recalibrate_bn"):
+            if getattr(self, name) != getattr(default, name):
+                q[name] = str(getattr(self, name))
+        if self.fold_bn:
+            q["fold_bn"] = "1"
+        for n, k in self.active.items():
+            q[f"k.{n}"] = str(k)
+        return q
+
+    @classmethod
+    def from_query(cls, params: Mapping[str, object]) -> tuple["ClusteringConfig", list[str]]:
+        """Parse URL query parameters leniently: returns (config, warnings). Never raises; bad values
+        are clamped into range or dropped with a warning, so the result is always valid. Values may be
+        strings or lists of strings (repeated keys: the last wins). Keys that are not clustering
+        options are ignored silently (other parts of the page own them)."""
+        warns: list[str] = []
+        d = cls()
+
+        def last(v) -> str:
+            if isinstance(v, (list, tuple)):
+                v = v[-1] if v else ""
+            return str(v)[:100]
+
+        def as_int(name, lo, hi, default):
+            if name not in params:
+                return default
+            raw = last(params[name])
+            try:
+                v = int(raw.strip())
+            except ValueError:
+                warns.append(f"{name}={raw[:30]!r} is not an integer; using {default}")
+                return default
+            if not lo <= v <= hi:
+                c = min(max(v, lo), hi)
+                warns.append(f"{name}={v} is outside {lo}..{hi}; using {c}")
+                return c
+            return v
+
+        def as_choice(name, choices, default):
+            if name not in params:
+                return default
+            raw = last(params[name]).strip().lower()
+            if raw not in choices:
+                warns.append(f"{name}={raw[:30]!r} is not one of {', '.join(choices)}; using {default}")
+                return default
+            return raw
+
+        metric = as_choice("metric", METRICS, d.metric)
+        granularity = as_choice("granularity", GRANULARITIES, d.granularity)
+        fold = as_choice("fold_bn", ("0", "1", "true", "false"), "0") in ("1", "true")
+        recal = as_int("recalibrate_bn", 0, MAX_RECALIBRATION_IMAGES, d.recalibrate_bn)
+        seed = as_int("seed", 0, 2**31 - 1, d.seed)
+        n_init = as_int("n_init", 1, 20, d.n_init)
+        ks = {}
+        for key in params:
+            if not isinstance(key, str) or not key.startswith("k."):
+                continue
+            name = key[2:]
+            if name not in CONV_LAYER_NAMES:
+                warns.append(f"unknown layer {name[:40]!r} in the URL; ignored")
+                continue
+            n = conv_layer(name).filters
+            k = as_int(key, 1, n, n)
+            if k < n:
+                ks[name] = k
+        cfg = cls(ks=ks, metric=metric, granularity=granularity, fold_bn=fold, recalibrate_bn=recal,
+                  seed=seed, n_init=n_init)
+        return cfg, warns
+
+
+def _layer_order(name: str) -> int:
+    try:
+        return CONV_LAYER_NAMES.index(name)
+    except ValueError:
+        return len(CONV_LAYER_NAMES)
+
+
+# ---------------------------------------------------------------- per-layer k-means
+
+@dataclass(frozen=True)
+class LayerClustering:
+    """k-means result for one conv layer.
+
+    labels: (P,) int64 cluster of each point (P = Cout filters, or Cout*Cin kernels);
+    centroids: (k, D) float32 in the space k-means ran in (D = Cin*kh*kw [+1 bias with fold_bn], or
+    kh*kw for kernels; unit-norm directions for cosine); inertia: within-cluster sum of squared
+    distances (in that space); points: (P, D) the clustered points, for plots;
+    weight: (Cout, Cin, kh, kw) the replacement filters; bias: (Cout,) with fold_bn, else None;
+    scales: (Cout,) per-filter norm that multiplies the shared direction (1 for euclidean).
+    """
+
+    name: str
+    k: int
+    labels: np.ndarray
+    centroids: np.ndarray
+    inertia: float
+    points: np.ndarray
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scales: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """The configuration and the per-layer results of :func:`cluster_model`."""
+
+    config: ClusteringConfig
+    layers: dict[str, LayerClustering]
+
+
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as a per-channel affine y = a * x + b; returns (a, b), each (C,)."""
+    a = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    b = bn.bias.detach() - a * bn.running_mean
+    return a, b
+
+
+def layer_points(weight: torch.Tensor, bn: nn.BatchNorm2d | None, granularity: str, fold_bn: bool) -> np.ndarray:
+    """The points k-means clusters for one conv layer, float64 (P, D).
+
+    weight: (Cout, Cin, kh, kw). filter granularity: P = Cout, D = Cin*kh*kw (+1 bias column when
+    ``fold_bn``, with the BN affine folded into the filter). kernel granularity: P = Cout*Cin,
+    D = kh*kw (fold_bn is ignored, since a kernel has no BN of its own).
+    """
+    w = weight.detach().double()
+    if granularity == "kernel":
+        return w.reshape(-1, w.shape[2] * w.shape[3]).numpy()
+    if fold_bn:
+        a, b = bn_affine(bn)
+        w = w * a.double().view(-1, 1, 1, 1)
+        return torch.cat([w.reshape(w.shape[0], -1), b.double().view(-1, 1)], 1).numpy()
+    return w.reshape(w.shape[0], -1).numpy()
+
+
+def kmeans(points: np.ndarray, k: int, seed: int = 0, n_init: int = 3) -> tuple[np.ndarray, np.ndarray, float]:
+    """scikit-learn KMeans (k-means++ init, Lloyd) on points (P, D): returns labels (P,),
+    centroids (k, D) and inertia. Deterministic for a seed.
+
+    Raises ClusteringError when there are fewer distinct points than k.
+    """
+    from sklearn.cluster import KMeans
+
+    distinct = len(np.unique(points, axis=0))
+    if distinct < k:
+        raise ClusteringError(f"only {distinct} distinct points for k = {k}; choose k <= {distinct}")
+    if k == len(points):
+        return np.arange(len(points)), points.copy(), 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning on near-duplicate points is harmless here
+        km = KMeans(n_clusters=k, init="k-means++", n_init=n_init, random_state=seed).fit(points)
+    return km.labels_.astype(np.int64), km.cluster_centers_, float(km.inertia_)
+
+
+def cluster_layer(name: str, weight: torch.Tensor, bn: nn.BatchNorm2d | None, k: int,
+                  config: ClusteringConfig) -> LayerClustering:
+    """Cluster one conv layer's filters (or kernels) into k clusters and build its replacement.
+
+    weight: (Cout, Cin, kh, kw). Returns a :class:`LayerClustering`. Raises ClusteringError for
+    k out of 1..Cout or fewer distinct points than k.
+    """
+    cout = weight.shape[0]
+    if not 1 <= k <= cout:
+        raise ClusteringError(f"{name}: k = {k} is outside 1..{cout}")
+    pts = layer_points(weight, bn, config.granularity, config.fold_bn and config.granularity == "filter")
+    norms = np.linalg.norm(pts, axis=1)
+    space = pts
+    if config.metric == "cosine":
+        space = pts / np.maximum(norms, 1e-12)[:, None]
+    try:
+        labels, centroids, inertia = kmeans(space, k, config.seed, config.n_init)
+    except ClusteringError as e:
+        raise ClusteringError(f"{name}: {e}") from None
+    if config.metric == "cosine":
+        units = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+        centroids = units
+        replaced = units[labels] * norms[:, None]
+        scales = norms
+    else:
+        replaced = centroids[labels]
+        scales = np.ones(len(pts))
+    shape = weight.shape
+    bias = None
+    if config.granularity == "kernel":
+        new_w = torch.from_numpy(replaced).view(shape)
+        scales = np.ones(cout)
+    elif config.fold_bn:
+        new_w = torch.from_numpy(replaced[:, :-1]).view(shape)
+        bias = torch.from_numpy(replaced[:, -1]).float()
+        if config.metric == "cosine":
+            scales = norms
+    else:
+        new_w = torch.from_numpy(replaced).view(shape)
+    return LayerClustering(name, k, labels, centroids.astype(np.float32), inertia, pts.astype(np.float32),
+                           new_w.float().contiguous(), bias, torch.from_numpy(np.asarray(scales)).float())
+
+
+class _LRU:
+    """A small thread-safe LRU for k-means results (each at most ~150 KB; 512 entries ~ 75 MB)."""
+
+    def __init__(self, maxsize: int = 512):
+        self.maxsize, self.data, self.lock = maxsize, OrderedDict(), threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        with self.lock:
+            if key in self.data:
+                self.data.move_to_end(key)
+                self.hits += 1
+                return self.data[key]
+            self.misses += 1
+            return None
+
+    def put(self, key, value):
+        with self.lock:
+            self.data[key] = value
+            self.data.move_to_end(key)
+            while len(self.data) > self.maxsize:
+                self.data.popitem(last=False)
+
+
+_CACHE = _LRU()
+
+
+def _tensor_digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(t.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cluster_model(model: nn.Module, config: ClusteringConfig) -> Clustering:
+    """Run k-means for every active layer of ``config`` on ``model``'s filters (model unchanged).
+
+    Results are cached by (layer weights + BN digest, layer, k, options), so the app's repeated
+    requests cost nothing. Raises ClusteringError for invalid configurations.
+    """
+    config.validate()
+    modules = dict(model.named_modules())
+    layers = {}
+    for name, k in config.active.items():
+        conv, bn = modules[name], modules[conv_layer(name).bn]
+        key = (_tensor_digest(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var), name, k,
+               config.metric, config.granularity, config.fold_bn, config.seed, config.n_init)
+        res = _CACHE.get(key)
+        if res is None:
+            res = cluster_layer(name, conv.weight, bn, k, config)
+            _CACHE.put(key, res)
+        layers[name] = res
+    return Clustering(config, layers)
+
+
+def apply(model: nn.Module, clustering: Clustering, calibration_images: torch.Tensor | None = None) -> nn.Module:
+    """A new model (``model`` is never mutated) whose clustered filters are replaced by centroids.
+
+    With ``fold_bn`` the layer's BatchNorm becomes the identity plus the clustered bias. When the
+    configuration asks for BN re-estimation, ``calibration_images`` (uint8 (N, 3, 32, 32) training
+    images) must be given; the first ``recalibrate_bn`` of them are used.
+
+    Raises ClusteringError when re-estimation is asked for without images.
+    """
+    cfg = clustering.config
+    new = copy.deepcopy(model).eval()
+    modules = dict(new.named_modules())
+    with torch.no_grad():
+        for name, res in clustering.layers.items():
+            modules[name].weight.copy_(res.weight)
+            if res.bias is not None:
+                bn = modules[conv_layer(name).bn]
+                bn.weight.fill_(1.0)
+                bn.bias.copy_(res.bias)
+                bn.running_mean.zero_()
+                bn.running_var.fill_(1.0 - bn.eps)  # so that sqrt(var + eps) is exactly 1
+    if cfg.recalibrate_bn > 0:
+        if calibration_images is None:
+            raise ClusteringError("recalibrate_bn needs training images (calibration_images)")
+        recalibrate_bn(new, calibration_images[: cfg.recalibrate_bn])
+    return new
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean/variance in place from uint8 images (N, 3, 32, 32)
+    by a forward pass in train mode with cumulative averaging (momentum None); no gradient step,
+    no other parameter changes. Returns ``model`` in eval mode."""
+    from .data import normalize
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        for i in range(0, len(images), batch_size):
+            model(normalize(images[i : i + batch_size]).contiguous(memory_format=torch.channels_last))
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.eval()
+    return model
+
+
+def calibration_subset(train_images: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """n training images drawn without replacement by a fixed seed: uint8 (n, 3, 32, 32)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train_images), generator=g)[:n]
+    return train_images[idx]
+
+
+def prune(model: nn.Module, config: ClusteringConfig, train_images: torch.Tensor | None = None
+          ) -> tuple[nn.Module, Clustering]:
+    """cluster_model + apply in one call: returns (clustered model, clustering). ``train_images``
+    (uint8, the training split) are needed only when ``config.recalibrate_bn`` > 0."""
+    clustering = cluster_model(model, config)
+    calib = None
+    if config.recalibrate_bn > 0:
+        if train_images is None:
+            raise ClusteringError("recalibrate_bn needs the training images")
+        calib = calibration_subset(train_images, config.recalibrate_bn, config.seed)
+    return apply(model, clustering, calib), clustering

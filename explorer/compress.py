@@ -1,0 +1,326 @@
+"""A structurally smaller ResNet20 from a clustered one, and its measured savings.
+
+Replacing filters by centroids alone saves nothing. Here every conv computes only its k distinct
+filters; the Cout output channels are re-formed by a gather plus the per-channel affine of the
+following BatchNorm (which also absorbs the per-filter scale of the cosine metric):
+
+    y[:, i] = A_i * conv_k(x)[:, label_i] + B_i
+
+Inside a BasicBlock the first conv's channels feed only the block's second conv. When clustered
+channels are identical after ReLU up to a positive factor (``fold_bn``: shared folded filter and
+bias, A_i > 0 and equal B_i / A_i in a cluster), they are merged: the first conv outputs k channels
+and the second conv sums its matching input channels, scaled by A_i, so both convs shrink
+(relu(A z + B) = A relu(z + B/A) for A > 0). The stem and each block's second conv write the
+residual stream, which the option-A shortcut ties to its full width, so those always gather back to
+Cout channels. Kernel granularity yields no structural savings and is kept dense.
+
+MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (convs and the linear layer;
+MACs = FLOPs / 2); gathers and per-channel affines are not counted (< 0.2% of the total).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoints as ckpt
+from .clustering import Clustering, bn_affine
+from .model import BLOCKS_PER_STAGE, CONV_LAYERS, STAGE_WIDTHS, ResNet20
+
+COMPRESSED_ARCH = "resnet20-clustered"
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Shape of one compressed conv: in_channels read, filters computed (k), out_channels emitted
+    (Cout when gathered, else = filters), stride, gathered (index + affine after the conv)."""
+
+    name: str
+    in_channels: int
+    filters: int
+    out_channels: int
+    stride: int
+    gathered: bool
+
+
+class CompressedConv(nn.Module):
+    """3x3 conv with ``filters`` distinct filters, then (if gathered) index_select to
+    ``out_channels`` and a per-channel affine; otherwise the affine is folded into weight and bias.
+
+    forward: (N, in_channels, H, W) -> (N, out_channels, H/stride, W/stride).
+    """
+
+    def __init__(self, spec: ConvSpec):
+        super().__init__()
+        self.gathered = spec.gathered
+        self.conv = nn.Conv2d(spec.in_channels, spec.filters, 3, spec.stride, 1, bias=not spec.gathered)
+        if spec.gathered:
+            self.register_buffer("index", torch.arange(spec.out_channels) % spec.filters)
+            self.scale = nn.Parameter(torch.ones(spec.out_channels))
+            self.shift = nn.Parameter(torch.zeros(spec.out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.gathered:
+            y = y.index_select(1, self.index) * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
+        return y
+
+
+class CompressedBlock(nn.Module):
+    """BasicBlock over compressed convs, with the option-A shortcut of the original block."""
+
+    def __init__(self, c1: ConvSpec, c2: ConvSpec, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1, self.conv2 = CompressedConv(c1), CompressedConv(c2)
+        self.stride, self.pad = stride, planes - in_planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(F.relu(self.conv1(x)))
+        sc = x
+        if self.stride != 1 or self.pad:
+            sc = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(out + sc)
+
+
+class CompressedResNet20(nn.Module):
+    """ResNet20 with compressed convs; built from 19 :class:`ConvSpec` in registry order.
+
+    forward: (N, 3, 32, 32) -> (N, 10) logits, equal to the clustered model's within float rounding.
+    """
+
+    def __init__(self, specs: list[ConvSpec], num_classes: int = 10):
+        super().__init__()
+        if [s.name for s in specs] != [c.name for c in CONV_LAYERS]:
+            raise ValueError("specs must list the 19 ResNet20 conv layers in registry order")
+        self.specs = list(specs)
+        self.conv1 = CompressedConv(specs[0])
+        i, in_planes = 1, STAGE_WIDTHS[0]
+        for stage, planes in enumerate(STAGE_WIDTHS, start=1):
+            blocks = []
+            for b in range(BLOCKS_PER_STAGE):
+                stride = 2 if (stage > 1 and b == 0) else 1
+                blocks.append(CompressedBlock(specs[i], specs[i + 1], in_planes, planes, stride))
+                i, in_planes = i + 2, planes
+            setattr(self, f"layer{stage}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _conv_parts(model: ResNet20, clustering: Clustering | None, name: str, w_in: torch.Tensor | None = None):
+    """(distinct filters D (k, Cin, 3, 3), labels (Cout,), A (Cout,), B (Cout,)) for one layer."""
+    mods = dict(model.named_modules())
+    layer = next(c for c in CONV_LAYERS if c.name == name)
+    w = mods[name].weight.detach().float() if w_in is None else w_in
+    a, b = bn_affine(mods[layer.bn])
+    res = clustering.layers.get(name) if clustering is not None else None
+    if res is None or clustering.config.granularity != "filter":
+        return w, torch.arange(w.shape[0]), a.float(), b.float()
+    labels = torch.as_tensor(res.labels, dtype=torch.long)
+    scales = res.scales.float()
+    k = int(labels.max()) + 1
+    first = torch.full((k,), -1, dtype=torch.long)
+    for i in range(len(labels) - 1, -1, -1):  # first member of each cluster represents it
+        first[labels[i]] = i
+    d = w[first] / scales[first].view(-1, 1, 1, 1)
+    return d, labels, (a * scales).float(), b.float()
+
+
+def _mergeable(labels: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    if len(torch.unique(labels)) == len(labels) or not bool((a > 0).all()):
+        return False
+    ratio = b / a
+    for c in torch.unique(labels):
+        r = ratio[labels == c]
+        if not torch.allclose(r, r[0].expand_as(r), rtol=1e-5, atol=1e-6):
+            return False
+    return True
+
+
+@torch.no_grad()
+def compress(model: ResNet20, clustering: Clustering | None = None) -> CompressedResNet20:
+    """Build the structurally compressed net from a clustered model (the output of
+    :func:`explorer.clustering.apply`, BN already re-estimated if asked) and its clustering.
+
+    ``model`` is not mutated. Returns a CompressedResNet20 in eval mode whose logits equal
+    ``model``'s within float rounding (tests check 1e-4 on real test images).
+    """
+    model = model.eval()
+    mods = dict(model.named_modules())
+    specs: list[ConvSpec] = []
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+
+    def emit(name, stride, d, labels, a, b, merged=False):
+        k, cout = d.shape[0], len(labels)
+        gathered = not merged and k < cout
+        specs.append(ConvSpec(name, d.shape[1], k, k if merged else cout, stride, gathered))
+        if gathered:
+            weights[name] = {"conv.weight": d, "index": labels, "scale": a, "shift": b}
+        elif merged:
+            first = torch.stack([torch.nonzero(labels == c)[0, 0] for c in range(k)])
+            weights[name] = {"conv.weight": d, "conv.bias": (b / a)[first]}
+        else:  # one filter per channel: fold the affine into the conv
+            weights[name] = {"conv.weight": d[labels] * a.view(-1, 1, 1, 1), "conv.bias": b}
+
+    d, labels, a, b = _conv_parts(model, clustering, "conv1")
+    emit("conv1", 1, d, labels, a, b)
+    for layer in CONV_LAYERS[1:]:
+        if layer.residual:
+            continue
+        c1, c2 = layer.name, layer.name[:-1] + "2"
+        d1, l1, a1, b1 = _conv_parts(model, clustering, c1)
+        merged = clustering is not None and clustering.config.granularity == "filter" and _mergeable(l1, a1, b1)
+        emit(c1, layer.stride, d1, l1, a1, b1, merged=merged)
+        w2 = mods[c2].weight.detach().float()
+        if merged:
+            k1 = d1.shape[0]
+            w2m = torch.zeros(w2.shape[0], k1, *w2.shape[2:])
+            w2m.index_add_(1, l1, w2 * a1.view(1, -1, 1, 1))
+            w2 = w2m
+        d2, l2, a2, b2 = _conv_parts(model, clustering, c2, w_in=w2)
+        emit(c2, 1, d2, l2, a2, b2)
+
+    out = CompressedResNet20(specs)
+    state = {f"{name}.{k}": v.clone() for name, tensors in weights.items() for k, v in tensors.items()}
+    state["fc.weight"] = model.fc.weight.detach().clone()
+    state["fc.bias"] = model.fc.bias.detach().clone()
+    out.load_state_dict(state, strict=True)
+    return out.eval()
+
+
+# ---------------------------------------------------------------- save / load / ONNX
+
+def save_compressed(model: CompressedResNet20, directory: str | os.PathLike, name: str, extra: dict | None = None
+                    ) -> tuple[Path, Path]:
+    """Write ``<dir>/<name>.pt`` (state dict) and ``<dir>/<name>.json`` (architecture specs + ``extra``)
+    atomically. Returns the two paths. Raises CheckpointError on I/O errors."""
+    d = Path(directory)
+    meta = {"architecture": COMPRESSED_ARCH, "specs": [asdict(s) for s in model.specs], **(extra or {})}
+    pt, js = d / f"{name}.pt", d / f"{name}.json"
+    ckpt.save_torch({k: v.contiguous() for k, v in model.state_dict().items()}, pt)
+    ckpt.save_json(meta, js)
+    return pt, js
+
+
+def load_compressed(path: str | os.PathLike) -> CompressedResNet20:
+    """Load a compressed net saved by :func:`save_compressed` (``.pt`` with its ``.json`` beside it),
+    with ``torch.load(weights_only=True)``. Raises CheckpointError when files are missing or do not
+    match."""
+    path = Path(path)
+    meta = ckpt.read_json(path.with_suffix(".json"))
+    if meta.get("architecture") != COMPRESSED_ARCH:
+        raise ckpt.CheckpointError(f"{path.with_suffix('.json').name}: architecture is not {COMPRESSED_ARCH!r}")
+    try:
+        specs = [ConvSpec(**s) for s in meta["specs"]]
+        model = CompressedResNet20(specs)
+        model.load_state_dict(ckpt.load_torch(path), strict=True)
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:
+        raise ckpt.CheckpointError(f"{path.name}: does not match its specs ({str(e).splitlines()[0][:200]})") from None
+    return model.eval()
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17) -> Path:
+    """Export to ONNX with a dynamic batch axis: input ``images`` (N, 3, 32, 32) float32 (normalised),
+    output ``logits`` (N, 10). Uses the TorchScript-based ``torch.onnx.export`` (dynamo=False)."""
+    import warnings
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant-folding notes about the strided shortcut slices
+        torch.onnx.export(model.eval(), (torch.zeros(1, 3, 32, 32),), str(path), input_names=["images"],
+                      output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    return path
+
+
+# ---------------------------------------------------------------- measurement
+
+def count_macs(model: nn.Module) -> int:
+    """Multiply-accumulates per 32x32 image (``FlopCounterMode`` FLOPs / 2, convs + linear)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.eval()(torch.zeros(1, 3, 32, 32))
+    return fc.get_total_flops() // 2
+
+
+def count_params(model: nn.Module) -> int:
+    """Stored parameters: conv filters, biases, per-channel affines and the classifier (gather
+    indices are int64 buffers and not counted)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def measure_latency(model: nn.Module, batch: int, repeats: int = 10, warmup: int = 2) -> float:
+    """Median CPU wall time in seconds of one forward pass at ``batch`` images (fp32, eval,
+    channels_last inputs, inference_mode). Uses the current torch thread count."""
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            t = time.perf_counter()
+            model.eval()(x)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """Savings of a compressed net against the original ResNet20 (counts per image, seconds)."""
+
+    params: int
+    baseline_params: int
+    macs: int
+    baseline_macs: int
+    layers: list[dict]
+    latency: dict | None = None
+
+    @property
+    def compression_ratio(self) -> float:
+        """baseline parameters / compressed parameters (> 1 means smaller)."""
+        return self.baseline_params / self.params
+
+    @property
+    def mac_reduction(self) -> float:
+        """Fraction of MACs saved, in [0, 1)."""
+        return 1 - self.macs / self.baseline_macs
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(compression_ratio=self.compression_ratio, mac_reduction=self.mac_reduction)
+        return d
+
+
+_BASELINE_COUNTS: dict[str, int] = {}
+
+
+def report(compressed: CompressedResNet20, baseline: nn.Module, latency_batches: tuple[int, ...] = (),
+           repeats: int = 10) -> CompressionReport:
+    """Unique parameters, MACs per image and (optionally) latency at each of ``latency_batches`` for
+    the compressed net and the uncompressed ``baseline``. Latency keys: ``b{N}`` -> {compressed_s,
+    baseline_s, speedup}."""
+    if not _BASELINE_COUNTS:
+        _BASELINE_COUNTS.update(params=sum(p.numel() for p in baseline.parameters()), macs=count_macs(baseline))
+    layers = [{"layer": s.name, "filters": s.filters, "in_channels": s.in_channels,
+               "out_channels": s.out_channels, "gathered": s.gathered} for s in compressed.specs]
+    lat = None
+    if latency_batches:
+        lat = {}
+        for b in latency_batches:
+            c = measure_latency(compressed, b, repeats)
+            o = measure_latency(baseline, b, repeats)
+            lat[f"b{b}"] = {"compressed_s": c, "baseline_s": o, "speedup": o / c}
+    return CompressionReport(count_params(compressed), _BASELINE_COUNTS["params"], count_macs(compressed),
+                             _BASELINE_COUNTS["macs"], layers, lat)

@@ -1,0 +1,101 @@
+"""One pruning experiment end to end, shared by the CLIs and the app.
+
+:class:`Explorer` holds a base checkpoint, the data and the baseline evaluation (all read-only);
+:meth:`Explorer.run` turns a :class:`ClusteringConfig` into a :class:`PruneResult` (clustered model,
+evaluation on the full test split, per-class deltas, compression report), cached per configuration.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoints as ckpt
+from .clustering import Clustering, ClusteringConfig, prune
+from .compress import CompressedResNet20, CompressionReport, compress, report
+from .data import CIFAR10Tensors, load_cifar10
+from .evaluate import Comparison, Evaluation, evaluate
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """Everything one configuration produces. ``model`` is the clustered ResNet20 (centroid filters),
+    ``compressed`` its structurally smaller equivalent."""
+
+    config: ClusteringConfig
+    clustering: Clustering
+    model: torch.nn.Module
+    compressed: CompressedResNet20
+    evaluation: Evaluation
+    comparison: Comparison
+    compression: CompressionReport
+
+    def summary(self) -> dict:
+        """JSON-ready: config, top-1 before/after, per-class rows, params, MACs, ratios."""
+        c = self.compression
+        return {
+            "config": self.config.to_dict(),
+            "baseline_top1": self.comparison.baseline.top1,
+            "top1": self.evaluation.top1,
+            "top1_delta": self.comparison.top1_delta,
+            "per_class": self.comparison.rows(),
+            "params": c.params, "baseline_params": c.baseline_params,
+            "macs": c.macs, "baseline_macs": c.baseline_macs,
+            "compression_ratio": c.compression_ratio, "mac_reduction": c.mac_reduction,
+            "latency": c.latency,
+        }
+
+
+class Explorer:
+    """A loaded checkpoint + dataset + baseline evaluation, and a bounded cache of results.
+
+    Thread-safe for concurrent ``run`` calls; the base model is never mutated (every configuration
+    gets its own copy from :func:`explorer.clustering.apply`).
+    """
+
+    def __init__(self, model: torch.nn.Module, data: CIFAR10Tensors, name: str = "model", cache_size: int = 32):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.data = data
+        self.name = name
+        self.baseline = evaluate(self.model, data.test_images, data.test_labels)
+        self._cache: OrderedDict[str, PruneResult] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, data_root: str | None = None, data: CIFAR10Tensors | None = None
+                        ) -> "Explorer":
+        """Load ``path`` (safely) and the dataset. Raises CheckpointError / DataNotFoundError."""
+        model = ckpt.load_model(path)
+        return cls(model, data if data is not None else load_cifar10(data_root), Path(path).stem)
+
+    def evaluate_model(self, model: torch.nn.Module) -> Evaluation:
+        """fp32 evaluation on the full test split."""
+        return evaluate(model, self.data.test_images, self.data.test_labels)
+
+    def run(self, config: ClusteringConfig, latency_batches: tuple[int, ...] = ()) -> PruneResult:
+        """Cluster, apply, evaluate and compress for ``config`` (cached per configuration).
+
+        Raises ClusteringError for an invalid configuration.
+        """
+        key = config.key() + repr(latency_batches)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        model, clustering = prune(self.model, config, self.data.train_images)
+        ev = self.evaluate_model(model)
+        small = compress(model, clustering)
+        result = PruneResult(config, clustering, model, small, ev, Comparison(self.baseline, ev),
+                             report(small, self.model, latency_batches))
+        with self._lock:
+            self._cache[key] = result
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return result
