@@ -40,6 +40,8 @@ from .model import CONV_LAYER_NAMES, conv_layer
 METRICS = ("euclidean", "cosine")
 GRANULARITIES = ("filter", "kernel")
 MAX_RECALIBRATION_IMAGES = 50_000
+MAX_SEED = 2**31 - 1  # KMeans rejects seeds outside 0..2**32-1; URLs clamp to this range
+MAX_N_INIT = 20  # URLs clamp to this range too, so that every valid config survives a URL roundtrip
 
 
 class ClusteringError(ValueError):
@@ -86,8 +88,10 @@ class ClusteringConfig:
             raise ClusteringError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not 0 <= self.recalibrate_bn <= MAX_RECALIBRATION_IMAGES:
             raise ClusteringError(f"recalibrate_bn must be in 0..{MAX_RECALIBRATION_IMAGES} images")
-        if self.n_init < 1:
-            raise ClusteringError("n_init must be >= 1")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ClusteringError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
+        if not 1 <= self.n_init <= MAX_N_INIT:
+            raise ClusteringError(f"n_init must be in 1..{MAX_N_INIT}, got {self.n_init}")
         return self
 
     @property
@@ -204,8 +208,8 @@ class ClusteringConfig:
         granularity = as_choice("granularity", GRANULARITIES, d.granularity)
         fold = as_choice("fold_bn", ("0", "1", "true", "false"), "0") in ("1", "true")
         recal = as_int("recalibrate_bn", 0, MAX_RECALIBRATION_IMAGES, d.recalibrate_bn)
-        seed = as_int("seed", 0, 2**31 - 1, d.seed)
-        n_init = as_int("n_init", 1, 20, d.n_init)
+        seed = as_int("seed", 0, MAX_SEED, d.seed)
+        n_init = as_int("n_init", 1, MAX_N_INIT, d.n_init)
         ks = {}
         for key in params:
             if not isinstance(key, str) or not key.startswith("k."):

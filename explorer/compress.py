@@ -129,10 +129,15 @@ def _conv_parts(model: ResNet20, clustering: Clustering | None, name: str, w_in:
     labels = torch.as_tensor(res.labels, dtype=torch.long)
     scales = res.scales.float()
     k = int(labels.max()) + 1
-    first = torch.full((k,), -1, dtype=torch.long)
-    for i in range(len(labels) - 1, -1, -1):  # first member of each cluster represents it
-        first[labels[i]] = i
-    d = w[first] / scales[first].view(-1, 1, 1, 1)
+    # The member with the largest scale represents its cluster (a zero-norm filter of the cosine
+    # metric would otherwise give 0/0 = NaN); a cluster of zero filters has the zero direction.
+    rep = torch.full((k,), -1, dtype=torch.long)
+    for i in range(len(labels)):
+        c = int(labels[i])
+        if rep[c] < 0 or scales[i] > scales[rep[c]]:
+            rep[c] = i
+    s = scales[rep].view(-1, 1, 1, 1)
+    d = torch.where(s > 0, w[rep] / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(w[rep]))
     return d, labels, (a * scales).float(), b.float()
 
 

@@ -17,6 +17,7 @@ from . import checkpoints as ckpt
 from .clustering import Clustering, ClusteringConfig, prune
 from .compress import CompressedResNet20, CompressionReport, compress, report
 from .data import CIFAR10Tensors, load_cifar10
+from .engine import FastEvaluator
 from .evaluate import Comparison, Evaluation, evaluate
 
 
@@ -56,13 +57,18 @@ class Explorer:
     gets its own copy from :func:`explorer.clustering.apply`).
     """
 
-    def __init__(self, model: torch.nn.Module, data: CIFAR10Tensors, name: str = "model", cache_size: int = 32):
+    def __init__(self, model: torch.nn.Module, data: CIFAR10Tensors, name: str = "model", cache_size: int = 32,
+                 activation_cache_mb: int | None = None):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.data = data
         self.name = name
-        self.baseline = evaluate(self.model, data.test_images, data.test_labels)
+        kw = {} if activation_cache_mb is None else {"cache_mb": activation_cache_mb}
+        self.engine = FastEvaluator(data.test_images, data.test_labels, **kw)
+        # The baseline goes through the same engine as every pruned net, so "nothing clustered"
+        # reproduces it exactly (a plain eager pass may differ on a near-tie or two).
+        self.baseline = self.engine.evaluate(compress(self.model))
         self._cache: OrderedDict[str, PruneResult] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -75,8 +81,14 @@ class Explorer:
         return cls(model, data if data is not None else load_cifar10(data_root), Path(path).stem)
 
     def evaluate_model(self, model: torch.nn.Module) -> Evaluation:
-        """fp32 evaluation on the full test split."""
+        """Plain eager fp32 evaluation of any model on the full test split (the reference path)."""
         return evaluate(model, self.data.test_images, self.data.test_labels)
+
+    def preview(self, config: ClusteringConfig) -> Evaluation:
+        """Quick evaluation on the engine's fixed stratified subset (200 test images per class).
+        A preview, to be labelled as such; :meth:`run` gives the full result."""
+        model, clustering = prune(self.model, config, self.data.train_images)
+        return self.engine.evaluate(compress(model, clustering), preview=True)
 
     def run(self, config: ClusteringConfig, latency_batches: tuple[int, ...] = ()) -> PruneResult:
         """Cluster, apply, evaluate and compress for ``config`` (cached per configuration).
@@ -90,8 +102,8 @@ class Explorer:
                 self._cache.move_to_end(key)
                 return hit
         model, clustering = prune(self.model, config, self.data.train_images)
-        ev = self.evaluate_model(model)
         small = compress(model, clustering)
+        ev = self.engine.evaluate(small)
         result = PruneResult(config, clustering, model, small, ev, Comparison(self.baseline, ev),
                              report(small, self.model, latency_batches))
         with self._lock:

@@ -52,7 +52,7 @@ def config_from_args(args) -> ClusteringConfig:
         try:
             with open(args.config) as f:
                 return ClusteringConfig.from_json(f.read())
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             raise ClusteringError(f"cannot read --config: {e}") from None
     base = ClusteringConfig.uniform(args.k) if args.k is not None else ClusteringConfig()
     if args.k is not None and args.k < 1:
