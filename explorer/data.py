@@ -237,7 +237,8 @@ def _load_local(root: Path) -> CIFAR10Tensors:
         return _load_cached(_listing_key(all_files, root), name, lambda: _read_image_folder(root, files_by_split))
     raise DataNotFoundError(
         f"{root} holds neither the official 'cifar-10-batches-py' nor an ImageFolder tree "
-        f"'train/<class>/*', 'test/<class>/*' with the classes {', '.join(CLASSES)}."
+        f"'train/<class>/*', 'test/<class>/*' with the classes {', '.join(CLASSES)}. "
+        f"Pass --data DIR or set EXPLORER_DATA=DIR to a directory that does."
     )
 
 

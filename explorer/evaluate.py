@@ -73,7 +73,10 @@ def evaluation_from_predictions(predictions, labels, classes: tuple[str, ...] = 
     predicted and true labels, both (N,) ints in [0, C)."""
     predictions = np.asarray(predictions, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
-    cm = confusion_matrix(labels, predictions, labels=list(range(len(classes))))
+    if len(labels):
+        cm = confusion_matrix(labels, predictions, labels=list(range(len(classes))))
+    else:  # sklearn refuses empty inputs
+        cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
     support = cm.sum(axis=1)
     per_class = np.divide(np.diag(cm), support, out=np.zeros(len(classes)), where=support > 0)
     top1 = float((predictions == labels).mean()) if len(labels) else 0.0

@@ -67,6 +67,8 @@ class TrainConfig:
             (self.batch_size >= 2, "--batch-size must be >= 2"),
             (self.lr > 0, "--lr must be > 0"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
+            (0 <= self.cutout <= 32, "--cutout must be in 0..32 pixels"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
@@ -161,10 +163,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     if resume and files["train"].is_file():
         state = ckpt.load_torch(files["train"])
         saved = state["config"]
-        for key in ("epochs", "batch_size", "lr", "weight_decay", "schedule", "seed", "label_smoothing", "cutout"):
+        # Everything that shapes the result must match; where files go and how fast it runs may change.
+        for key in sorted(set(asdict(cfg)) - {"out", "name", "data", "device", "eval_every", "compile"}):
             if saved.get(key) != getattr(cfg, key):
                 raise ValueError(f"--resume: {key} was {saved.get(key)!r} in {files['train'].name}, now "
                                  f"{getattr(cfg, key)!r}; pass the same value or a new --name")
+        if state.get("dataset") not in (None, data.identity.to_dict()):
+            raise ValueError(f"--resume: {files['train'].name} was trained on {state['dataset']}, not on "
+                             f"{data.identity}; point --data at the same dataset or use a new --name")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -242,7 +248,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
             ckpt.save_torch({
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "log": log, "wall_seconds": wall,
-                "config": asdict(cfg),
+                "config": asdict(cfg), "dataset": data.identity.to_dict(),
             }, files["train"])
             _write_log(files["log"], log)
             meta.update(status="training", epochs_done=epoch + 1, wall_seconds=round(wall, 1),
@@ -353,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads < 0:
+        print("error: --threads must be >= 0", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}

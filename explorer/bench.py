@@ -1,0 +1,165 @@
+"""Benchmark of the live path: ``python -m explorer.bench``.
+
+Measures in one run, on this machine, the slider-to-full-result time of the fast path
+(:class:`explorer.pipeline.Explorer` with :mod:`explorer.engine`) against the naive baseline a
+newcomer would write: apply the configuration, then a fresh eager fp32 pass over all test images in
+the default memory layout with batch 500. Prints a table and (with ``--json``) JSON with seconds
+and speed-up ratios; timings are never asserted in tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import checkpoints as ckpt
+from .clustering import ClusteringConfig, cluster_layer, prune
+from .data import load_cifar10, normalize
+from .model import CONV_LAYERS, conv_layer
+
+
+@torch.inference_mode()
+def naive_evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Top-1 by a plain eager fp32 pass, default (NCHW) layout, batch 500: the naive reference."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        correct += (model(normalize(images[i : i + batch_size])).argmax(1) == labels[i : i + batch_size]).sum().item()
+    return correct / len(images)
+
+
+def _pct(xs, q):
+    return float(np.percentile(xs, q))
+
+
+def run(checkpoint: str, data_root: str | None, changes: int, seed: int, naive_repeats: int) -> dict:
+    from .pipeline import Explorer
+
+    t0 = time.perf_counter()
+    data = load_cifar10(data_root)
+    t_data = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    explorer = Explorer.from_checkpoint(checkpoint, data=data)
+    t_explorer = time.perf_counter() - t0
+    base = explorer.model
+    x, y = data.test_images, data.test_labels
+
+    def timed(fn):
+        t = time.perf_counter()
+        r = fn()
+        return time.perf_counter() - t, r
+
+    def naive(cfg):
+        def go():
+            model, _ = prune(base, cfg, data.train_images)
+            return naive_evaluate(model, x, y)
+        return timed(go)
+
+    results: dict = {"cold_start": {"data_s": t_data, "explorer_s": t_explorer}}
+    # Warm k-means for the fixed scenarios so both paths pay the same (cached) clustering cost.
+    last = ClusteringConfig().with_k("layer3.2.conv2", 32)
+    first = ClusteringConfig().with_k("conv1", 8)
+    for cfg in (last, first):
+        prune(base, cfg)
+    scen = {}
+    for label, cfg in (("last_layer", last), ("first_layer", first)):
+        explorer.run(ClusteringConfig())  # the previous slider state: nothing clustered
+        fast_s, res = timed(lambda: explorer.run(cfg))
+        naive_s, naive_top1 = naive(cfg)
+        scen[label] = {"fast_s": fast_s, "naive_s": naive_s, "speedup": naive_s / fast_s,
+                       "top1_fast": res.evaluation.top1, "top1_naive": naive_top1}
+    results["scenarios"] = scen
+
+    rng = random.Random(seed)
+    cfg = ClusteringConfig()
+    fast, previews, kmeans_s = [], [], []
+    for _ in range(changes):
+        layer = rng.choice(CONV_LAYERS)
+        k = rng.randint(1, layer.filters - 1)
+        cfg = cfg.with_k(layer.name, k)
+        t = time.perf_counter()
+        explorer.preview(cfg)
+        previews.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        explorer.run(cfg)
+        fast.append(time.perf_counter() - t)
+    naive_times = [naive(cfg)[0] for _ in range(naive_repeats)]
+    nmed = statistics.median(naive_times)
+    results["random_sequence"] = {
+        "changes": changes, "fast_median_s": statistics.median(fast), "fast_p90_s": _pct(fast, 90),
+        "preview_median_s": statistics.median(previews), "preview_p90_s": _pct(previews, 90),
+        "naive_median_s": nmed, "speedup_median": nmed / statistics.median(fast),
+        "speedup_p90": nmed / _pct(fast, 90),
+    }
+    modules = dict(base.named_modules())
+    for layer in CONV_LAYERS:
+        c = ClusteringConfig(seed=seed + 1)  # a seed the app has not cached
+        t = time.perf_counter()
+        cluster_layer(layer.name, modules[layer.name].weight, modules[layer.bn], max(1, layer.filters // 2), c)
+        kmeans_s.append(time.perf_counter() - t)
+    results["kmeans_per_layer_p50_s"] = statistics.median(kmeans_s)
+    try:
+        from .projection import project_layer
+
+        w = modules["layer3.2.conv2"].weight
+        t1, _ = timed(lambda: project_layer(w.detach().reshape(64, -1).numpy(), method="umap"))
+        t2, _ = timed(lambda: project_layer(w.detach().reshape(64, -1).numpy() * 1.0001, method="umap"))
+        results["umap"] = {"first_call_s": t1, "repeated_call_s": t2}
+    except ImportError:
+        results["umap"] = None
+    results["engine"] = dict(explorer.engine.stats, cache_mb=explorer.engine.cache.bytes / 2**20)
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["threads"] = torch.get_num_threads()
+    return results
+
+
+def format_table(r: dict) -> str:
+    s = r["random_sequence"]
+    rows = [
+        ("change in the last layer", r["scenarios"]["last_layer"]),
+        ("change in the first layer", r["scenarios"]["first_layer"]),
+    ]
+    out = [f"{'scenario':<34}{'naive s':>9}{'fast s':>9}{'speed-up':>10}"]
+    for name, v in rows:
+        out.append(f"{name:<34}{v['naive_s']:9.2f}{v['fast_s']:9.2f}{v['speedup']:9.1f}x")
+    out.append(f"{f'{s['changes']} random changes, median':<34}{s['naive_median_s']:9.2f}{s['fast_median_s']:9.2f}"
+               f"{s['speedup_median']:9.1f}x")
+    out.append(f"{f'{s['changes']} random changes, p90':<34}{s['naive_median_s']:9.2f}{s['fast_p90_s']:9.2f}"
+               f"{s['speedup_p90']:9.1f}x")
+    out.append(f"{'preview (2,000 images), median':<34}{'':>9}{s['preview_median_s']:9.2f}")
+    out.append(f"k-means per layer p50: {r['kmeans_per_layer_p50_s']:.3f} s; cold start: data "
+               f"{r['cold_start']['data_s']:.1f} s + model/baseline {r['cold_start']['explorer_s']:.1f} s")
+    if r.get("umap"):
+        out.append(f"UMAP first call {r['umap']['first_call_s']:.1f} s, repeated {r['umap']['repeated_call_s']:.2f} s")
+    out.append(f"peak RSS {r['peak_rss_mb']:.0f} MB, torch threads {r['threads']}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m explorer.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=str(ckpt.DEFAULT_DIR / f"{ckpt.DEFAULT_NAME}.pt"))
+    p.add_argument("--data", default=None, help="local CIFAR-10 directory (default $EXPLORER_DATA)")
+    p.add_argument("--changes", type=int, default=30, help="random single-layer changes to time")
+    p.add_argument("--naive-repeats", type=int, default=3, help="naive full evaluations to time")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    args = p.parse_args(argv)
+    try:
+        r = run(args.checkpoint, args.data, args.changes, args.seed, args.naive_repeats)
+    except Exception as e:  # a benchmark should say what failed in one line
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(r, indent=2) if args.json else format_table(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
