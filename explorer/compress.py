@@ -252,13 +252,25 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17) -> P
 
 # ---------------------------------------------------------------- measurement
 
+_MACS_BY_SPECS: dict[tuple, int] = {}
+
+
 def count_macs(model: nn.Module) -> int:
-    """Multiply-accumulates per 32x32 image (``FlopCounterMode`` FLOPs / 2, convs + linear)."""
+    """Multiply-accumulates per 32x32 image (``FlopCounterMode`` FLOPs / 2, convs + linear).
+
+    For a CompressedResNet20 the count depends only on its specs, so it is memoised by them (the
+    app asks once per slider move)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    key = tuple(model.specs) if isinstance(model, CompressedResNet20) else None
+    if key is not None and key in _MACS_BY_SPECS:
+        return _MACS_BY_SPECS[key]
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model.eval()(torch.zeros(1, 3, 32, 32))
-    return fc.get_total_flops() // 2
+    macs = fc.get_total_flops() // 2
+    if key is not None:
+        _MACS_BY_SPECS[key] = macs
+    return macs
 
 
 def count_params(model: nn.Module) -> int:
