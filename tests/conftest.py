@@ -48,3 +48,19 @@ def jpeg_root() -> Path:
             pytest.fail(msg + "; under CI real-data tests must not be skipped")
         pytest.skip(msg)
     return root
+
+
+@pytest.fixture(scope="session")
+def real_data(jpeg_root):
+    """The CIFAR-10 JPEG copy, loaded once per test session."""
+    from explorer.data import load_cifar10
+
+    return load_cifar10(jpeg_root)
+
+
+@pytest.fixture(scope="session")
+def shipped_model(repo_root):
+    """The shipped ResNet20 checkpoint, loaded safely."""
+    from explorer.checkpoints import load_model
+
+    return load_model(repo_root / "checkpoints" / "resnet20_cifar10.pt")

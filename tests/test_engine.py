@@ -1,0 +1,107 @@
+"""The fast evaluation engine gives the same answers as a plain eager fp32 pass."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from explorer.clustering import ClusteringConfig, prune
+from explorer.compress import compress
+from explorer.engine import ActivationCache, FastEvaluator, stratified_subset, unit_digests
+from explorer.evaluate import predict_logits
+from explorer.model import CONV_LAYERS, resnet20
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    torch.manual_seed(0)
+    m = resnet20().eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+    return m
+
+
+def _configs(seed, n):
+    rng = random.Random(seed)
+    cfg = ClusteringConfig()
+    out = []
+    for _ in range(n):
+        layer = rng.choice(CONV_LAYERS)
+        cfg = cfg.with_k(layer.name, rng.randint(1, layer.filters - 1))
+        out.append(cfg)
+    return out
+
+
+def test_fp32_and_mixed_match_eager_and_reuse_upstream(random_model):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (120, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.arange(120) % 10
+    fe = FastEvaluator(images, labels, batch_size=50, preview_per_class=4, audit=20, mixed=True)
+    base = compress(random_model)
+    fe.logits(base)
+    # A change in the last block: only unit 9 is recomputed.
+    cfg = ClusteringConfig().with_k("layer3.2.conv2", 8)
+    model, cl = prune(random_model, cfg)
+    before = fe.stats["units_computed"]
+    got = fe.logits(compress(model, cl))
+    assert fe.stats["units_computed"] - before == 1
+    ref = predict_logits(model, images)
+    assert torch.allclose(got, ref, atol=1e-4)
+    for cfg in _configs(1, 4):
+        model, cl = prune(random_model, cfg)
+        net = compress(model, cl)
+        ref = predict_logits(model, images)
+        assert (fe.logits(net) - ref).abs().max() < 1e-3
+        assert int((fe.predictions(net) != ref.argmax(1)).sum()) == 0
+        prev = fe.predictions(net, preview=True)
+        assert torch.equal(prev, ref.argmax(1)[fe.preview_index])
+
+
+def test_recheck_bound_doubles_when_bf16_error_is_large(random_model):
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    fe = FastEvaluator(images, torch.arange(40) % 10, batch_size=40, audit=5, mixed=True, tau=1e-6)
+    net = compress(random_model)
+    pred = fe.predictions(net)
+    assert fe.stats["tau_doublings"] > 0  # a bound far below the bf16 error must be widened
+    assert torch.equal(pred, predict_logits(random_model, images).argmax(1))
+
+
+def test_digests_change_only_downstream(random_model):
+    a = unit_digests(compress(random_model))
+    model, cl = prune(random_model, ClusteringConfig().with_k("layer2.1.conv1", 4))
+    b = unit_digests(compress(model, cl))
+    changed = [i for i in range(10) if a[i] != b[i]]
+    assert changed == list(range(5, 10))  # layer2.1 is unit 5; everything after it depends on it
+
+
+def test_activation_cache_is_bounded():
+    c = ActivationCache(max_bytes=3 * 400)
+    for i in range(5):
+        c.put(str(i), torch.zeros(100))  # 400 bytes each
+    assert c.bytes == 1200 and c.get("0") is None and c.get("4") is not None
+    c.put("huge", torch.zeros(1000))
+    assert c.get("huge") is None
+
+
+def test_stratified_subset_is_balanced():
+    labels = torch.arange(1000) % 10
+    idx = stratified_subset(labels, per_class=7)
+    assert len(idx) == 70 and torch.bincount(labels[idx]).tolist() == [7] * 10
+    assert torch.equal(idx, stratified_subset(labels, per_class=7))
+
+
+@pytest.mark.realdata
+def test_engine_matches_eager_fp32_on_the_real_test_split(real_data, shipped_model):
+    fe = FastEvaluator(real_data.test_images, real_data.test_labels, mixed=True)
+    for cfg in _configs(7, 3):
+        model, cl = prune(shipped_model, cfg)
+        net = compress(model, cl)
+        ref = predict_logits(model, real_data.test_images)
+        assert (fe.logits(net) - ref).abs().max() < 1e-3
+        assert int((fe.predictions(net) != ref.argmax(1)).sum()) <= 3
