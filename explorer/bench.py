@@ -129,9 +129,10 @@ def format_table(r: dict) -> str:
     out = [f"{'scenario':<34}{'naive s':>9}{'fast s':>9}{'speed-up':>10}"]
     for name, v in rows:
         out.append(f"{name:<34}{v['naive_s']:9.2f}{v['fast_s']:9.2f}{v['speedup']:9.1f}x")
-    out.append(f"{f'{s['changes']} random changes, median':<34}{s['naive_median_s']:9.2f}{s['fast_median_s']:9.2f}"
+    n = s["changes"]
+    out.append(f"{f'{n} random changes, median':<34}{s['naive_median_s']:9.2f}{s['fast_median_s']:9.2f}"
                f"{s['speedup_median']:9.1f}x")
-    out.append(f"{f'{s['changes']} random changes, p90':<34}{s['naive_median_s']:9.2f}{s['fast_p90_s']:9.2f}"
+    out.append(f"{f'{n} random changes, p90':<34}{s['naive_median_s']:9.2f}{s['fast_p90_s']:9.2f}"
                f"{s['speedup_p90']:9.1f}x")
     out.append(f"{'preview (2,000 images), median':<34}{'':>9}{s['preview_median_s']:9.2f}")
     out.append(f"k-means per layer p50: {r['kmeans_per_layer_p50_s']:.3f} s; cold start: data "

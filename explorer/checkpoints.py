@@ -28,6 +28,9 @@ from .model import ResNet20, resnet20
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 DEFAULT_NAME = "resnet20_cifar10"
+# JSON files that live beside checkpoints but are not checkpoint metadata: the trainer's status, app
+# configurations, and the analysis results of explorer.sensitivity / explorer.search.
+NOT_CHECKPOINT_SUFFIXES = (".status.json", ".config.json", ".sensitivity.json", ".search.json")
 
 
 class CheckpointError(RuntimeError):
@@ -213,7 +216,7 @@ def list_checkpoints(directory: str | os.PathLike = DEFAULT_DIR) -> list[Checkpo
     if not d.is_dir():
         return out
     for meta_path in sorted(d.glob("*.json")):
-        if meta_path.name.startswith(".") or meta_path.name.endswith((".status.json", ".config.json")):
+        if meta_path.name.startswith(".") or meta_path.name.endswith(NOT_CHECKPOINT_SUFFIXES):
             continue
         name = meta_path.name[: -len(".json")]
         p = paths(d, name)

@@ -23,7 +23,9 @@ Reuse:
 - Cache policy: one LRU shared by all sessions of a process, bounded in bytes
   (``EXPLORER_ACTIVATION_CACHE_MB``, default 1536 MB). For 10,000 images a unit output is 655 /
   328 / 164 MB in fp32 (stages 1 / 2 / 3) and half that in bf16; an output is cached only if it is
-  at most a third of the budget, and only units 0..8 are kept (unit 9 feeds just the classifier).
+  at most a third of the budget, only units 0..8 are kept (unit 9 feeds just the classifier), and
+  one evaluation keeps its deepest outputs first until the budget is used, so the transient
+  allocation is bounded too.
 - Optional preview: a fixed stratified subset (200 images per class), answered from the same
   caches; labelled a preview wherever shown and followed by the full result.
 """
@@ -173,11 +175,15 @@ class FastEvaluator:
             source = self.inputs
         n = len(source)
         dtype = torch.bfloat16 if bf16 else torch.float32
-        keep = {}
-        for u in range(start, len(us)):
+        # Keep the deepest outputs first (fewest bytes per unit of compute saved) until the budget is
+        # used, so that the transient allocation never exceeds the cache bound either.
+        keep, budget = {}, self.cache.max_bytes
+        for u in sorted((u for u in range(start, len(us)) if u in CACHED_UNITS), reverse=True):
             shape = _unit_shape(u, n)
-            if u in CACHED_UNITS and int(np.prod(shape)) * (2 if bf16 else 4) <= self.cache.max_bytes // 3:
+            size = int(np.prod(shape)) * (2 if bf16 else 4)
+            if size <= min(budget, self.cache.max_bytes // 3):
                 keep[u] = torch.empty(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                budget -= size
         out = torch.empty(n, net.fc.out_features)
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else _null()
         with ctx:

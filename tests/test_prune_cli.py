@@ -143,6 +143,17 @@ def no_data(monkeypatch):
 
 # ---------------------------------------------------------------- Explorer
 
+def assert_same_up_to_near_ties(ev: Evaluation, model, data, margin: float = 1e-3):
+    """The pipeline's evaluation engine may differ from a plain eager fp32 pass only on near-ties."""
+    logits = predict_logits(model, data.test_images)
+    eager = logits.argmax(1).numpy()
+    differ = np.nonzero(ev.predictions != eager)[0]
+    top2 = logits.topk(2, dim=1).values
+    for i in differ:
+        assert float(top2[i, 0] - top2[i, 1]) < margin, f"image {i} differs without a near-tie"
+    assert abs(ev.top1 - float((eager == data.test_labels.numpy()).mean())) <= len(differ) / len(eager) + 1e-12
+
+
 def test_explorer_run_is_cached_and_leaves_the_base_model_alone(base_model, synthetic):
     ex = pipeline.Explorer(base_model, synthetic, "tiny")
     before = {k: v.clone() for k, v in base_model.state_dict().items()}
@@ -151,7 +162,8 @@ def test_explorer_run_is_cached_and_leaves_the_base_model_alone(base_model, synt
     assert ex.run(ClusteringConfig.from_json(cfg.to_json())) is r1
     for k, v in base_model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert ex.baseline.top1 == evaluate(base_model, synthetic.test_images, synthetic.test_labels).top1
+    assert_same_up_to_near_ties(ex.baseline, base_model, synthetic)
+    assert_same_up_to_near_ties(r1.evaluation, r1.model, synthetic)
     s = r1.summary()
     assert s["config"] == cfg.to_dict()
     assert s["top1"] == r1.evaluation.top1 and s["top1_delta"] == pytest.approx(s["top1"] - s["baseline_top1"])
@@ -173,7 +185,8 @@ def test_cli_json_with_save(checkpoint, fake_data, tmp_path, capsys, base_model,
     assert s["config"]["ks"] == ClusteringConfig.uniform(3).active
     assert len(s["per_class"]) == 10 and [r["class"] for r in s["per_class"]] == list(CLASSES)
     assert 0 <= s["top1"] <= 1
-    assert s["baseline_top1"] == evaluate(base_model, synthetic.test_images, synthetic.test_labels).top1
+    eager = evaluate(base_model, synthetic.test_images, synthetic.test_labels).top1
+    assert abs(s["baseline_top1"] - eager) <= 1 / len(synthetic.test_labels) + 1e-12  # engine vs eager: near-ties
     assert s["macs"] < s["baseline_macs"] == BASELINE_MACS
     assert s["params"] < s["baseline_params"] and s["compression_ratio"] == pytest.approx(
         s["baseline_params"] / s["params"])
@@ -185,7 +198,8 @@ def test_cli_json_with_save(checkpoint, fake_data, tmp_path, capsys, base_model,
     assert meta["clustering"] == s["config"] and meta["top1"] == s["top1"] and meta["source"] == "tiny"
     # the saved net reproduces the reported accuracy
     loaded = load_compressed(saved[0])
-    assert evaluate(loaded, synthetic.test_images, synthetic.test_labels).top1 == pytest.approx(s["top1"], abs=1e-9)
+    top1 = evaluate(loaded, synthetic.test_images, synthetic.test_labels).top1
+    assert abs(top1 - s["top1"]) <= 1 / len(synthetic.test_labels) + 1e-12
 
 
 def test_cli_table(checkpoint, fake_data, capsys):
@@ -316,9 +330,12 @@ def test_cli_k3_on_the_shipped_checkpoint(jpeg_root):
     if not pt.is_file():
         pytest.skip(f"{pt} not present")
     meta_before = ckpt.read_json(meta_path)
+    # ~70 s of CPU on an idle 2-core machine; EXPLORER_CLI_TIMEOUT raises the wall-clock limit when
+    # the machine is shared with a training run.
     env = {**os.environ, "EXPLORER_DATA": str(jpeg_root), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "explorer.prune", "--k", "3", "--json", "--threads", "1",
-                           "--checkpoint", str(pt)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           "--checkpoint", str(pt)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=float(os.environ.get("EXPLORER_CLI_TIMEOUT", 300)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     s = json.loads(proc.stdout)
     assert len(s["per_class"]) == 10 and [r["class"] for r in s["per_class"]] == list(CLASSES)
