@@ -1,0 +1,395 @@
+"""What the Streamlit app needs besides widgets, kept free of Streamlit so it can be tested directly:
+
+- the shareable **view state** (checkpoint, clustering configuration, selected layer, projection
+  method) and its lenient URL parsing (:func:`parse_query`, never raises; bad values become
+  warnings) and canonical URL form (:func:`view_query`);
+- which checkpoints the app offers (:func:`usable_checkpoints`) and how they are labelled;
+- results for a configuration (:func:`result_for`, with an exact shortcut for "nothing clustered");
+- download payloads (:func:`config_json`, :func:`compressed_zip`);
+- the optional "train a new checkpoint" launcher (:func:`launch_training`): one detached
+  ``python -m explorer.train`` at a time, off unless enabled (:func:`training_enabled`).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from . import checkpoints as ckpt
+from .clustering import Clustering, ClusteringConfig
+from .model import CONV_LAYER_NAMES
+from .projection import METHODS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_CHECKPOINTS = "EXPLORER_CHECKPOINTS"
+ENV_ALLOW_TRAINING = "EXPLORER_ALLOW_TRAINING"
+ENV_LOG_DIR = "EXPLORER_LOG_DIR"
+DEFAULT_LAYER = "conv1"
+DEFAULT_PROJECTION = "umap"
+VIEW_KEYS = ("ckpt", "layer", "proj")
+CONFIG_KEYS = ("metric", "granularity", "fold_bn", "recalibrate_bn", "seed", "n_init")
+# Query parameters Streamlit itself understands; never warned about.
+STREAMLIT_KEYS = ("embed", "embed_options")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def checkpoint_dir() -> Path:
+    """``$EXPLORER_CHECKPOINTS`` or the repository's ``checkpoints/``."""
+    d = os.environ.get(ENV_CHECKPOINTS)
+    return Path(d).expanduser() if d else ckpt.DEFAULT_DIR
+
+
+def usable_checkpoints(infos: list[ckpt.CheckpointInfo]) -> list[ckpt.CheckpointInfo]:
+    """Checkpoints the app can explore, in the order of :func:`explorer.checkpoints.list_checkpoints`
+    (complete first): complete ones, and ones still in training (or stopped before the end) whose
+    ``.pt`` exists. Entries with an ``error`` are left out (the app lists them separately)."""
+    return [i for i in infos if i.error is None and (i.complete or i.path.is_file())]
+
+
+def checkpoint_label(info: ckpt.CheckpointInfo) -> str:
+    """The picker's label: accuracy and dataset for complete checkpoints, training progress (and the
+    words "in training") otherwise."""
+    if info.complete:
+        return info.label()
+    if info.training:
+        s = info.status or {}
+        return f"{info.name} - in training, epoch {_epoch(s.get('epoch'))}/{s.get('epochs', '?')}"
+    done = info.meta.get("epochs_done")
+    return f"{info.name} - incomplete ({done}/{info.meta.get('epochs', '?')} epochs, trainer not running)"
+
+
+def _epoch(e) -> str:
+    try:
+        return f"{float(e):.1f}".rstrip("0").rstrip(".")
+    except (TypeError, ValueError):
+        return "?"
+
+
+MAX_WEIGHTS_BYTES = 64 * 2**20  # a ResNet20 state dict is ~1.1 MB
+
+
+def read_weights(path: str | os.PathLike) -> tuple[bytes, str]:
+    """The bytes of a ``.pt`` weights file and their content digest (sha256 prefix).
+
+    The app keys its loaded models by this digest, so identical weights under several names share
+    one model, and a file rewritten by a running trainer (atomically, once per epoch) is a new one.
+    The model is then built from these very bytes (:func:`model_from_bytes`), never from a second
+    read that could see a newer epoch. Raises CheckpointError when the file is missing, unreadable
+    or implausibly large."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_WEIGHTS_BYTES:
+            raise ckpt.CheckpointError(f"{path.name}: {size / 2**20:.0f} MB is too large for a ResNet20 state dict")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ckpt.CheckpointError(f"{path.name}: no such checkpoint file") from None
+    except OSError as e:
+        raise ckpt.CheckpointError(f"{path.name}: unreadable ({e.strerror or e})") from None
+    return data, hashlib.sha256(data).hexdigest()[:20]
+
+
+def model_from_bytes(data: bytes, source: str):
+    """A ResNet20 in eval mode from the bytes of a ``.pt`` state dict, loaded like
+    :func:`explorer.checkpoints.load_model`: ``torch.load(..., weights_only=True)`` (no pickle code
+    runs) and :func:`explorer.checkpoints.validate_state_dict`. Raises CheckpointError."""
+    import torch
+
+    from .model import resnet20
+
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad magic, or a pickle global the safe loader refuses
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ckpt.CheckpointError(f"{source}: not a valid checkpoint ({first[:200]})") from None
+    state = ckpt.validate_state_dict(state, source)
+    model = resnet20()
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- view state and URL
+
+@dataclass(frozen=True)
+class ViewState:
+    """Everything a shared URL reproduces. ``ckpt`` None means "no usable checkpoint"."""
+
+    ckpt: str | None
+    config: ClusteringConfig
+    layer: str = DEFAULT_LAYER
+    proj: str = DEFAULT_PROJECTION
+
+
+def _last(v) -> str:
+    if isinstance(v, (list, tuple)):
+        v = v[-1] if v else ""
+    return str(v)
+
+
+def parse_query(params: Mapping[str, object], checkpoints: list[str]) -> tuple[ViewState, list[str]]:
+    """Parse URL query parameters into a :class:`ViewState`, leniently: never raises; unknown
+    checkpoints, layers, keys, non-numbers and out-of-range k are ignored or clamped, each with a
+    warning. ``checkpoints`` are the names the app offers (the first is the default). Values may be
+    strings or lists of strings (repeated keys: the last wins)."""
+    params = {str(k)[:200]: v for k, v in params.items()}
+    config, warns = ClusteringConfig.from_query(params)
+    default_ckpt = checkpoints[0] if checkpoints else None
+    name = default_ckpt
+    if "ckpt" in params:
+        raw = _last(params["ckpt"]).strip()
+        if raw in checkpoints:
+            name = raw
+        elif default_ckpt is not None:
+            warns.append(f"checkpoint {raw[:60]!r} is not available here; showing {default_ckpt!r}")
+        else:
+            warns.append(f"checkpoint {raw[:60]!r} is not available here")
+    layer = DEFAULT_LAYER
+    if "layer" in params:
+        raw = _last(params["layer"]).strip()
+        if raw in CONV_LAYER_NAMES:
+            layer = raw
+        else:
+            warns.append(f"layer={raw[:40]!r} is not a conv layer of ResNet20; showing {DEFAULT_LAYER}")
+    proj = DEFAULT_PROJECTION
+    if "proj" in params:
+        raw = _last(params["proj"]).strip().lower()
+        if raw in METHODS:
+            proj = raw
+        else:
+            warns.append(f"proj={raw[:20]!r} is not one of {', '.join(METHODS)}; using {DEFAULT_PROJECTION}")
+    known = set(VIEW_KEYS) | set(CONFIG_KEYS) | set(STREAMLIT_KEYS)
+    unknown = [k for k in params if k not in known and not k.startswith("k.")]
+    if unknown:
+        shown = ", ".join(repr(k[:30]) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        warns.append(f"ignored unknown URL parameter{'s' if len(unknown) > 1 else ''} {shown}")
+    return ViewState(name, config, layer, proj), warns
+
+
+def view_query(view: ViewState) -> dict[str, str]:
+    """Canonical query parameters of a view: ``ckpt`` always (so a shared link keeps naming its
+    checkpoint even when others are added), then the configuration's non-default options and every
+    clustered layer's ``k.<layer>``, then ``layer``/``proj`` when not at their defaults."""
+    q: dict[str, str] = {}
+    if view.ckpt:
+        q["ckpt"] = view.ckpt
+    q.update(view.config.to_query())
+    if view.layer != DEFAULT_LAYER:
+        q["layer"] = view.layer
+    if view.proj != DEFAULT_PROJECTION:
+        q["proj"] = view.proj
+    return q
+
+
+# ---------------------------------------------------------------- results
+
+_UNCHANGED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_UNCHANGED_LOCK = threading.Lock()
+
+
+def result_for(explorer, config: ClusteringConfig):
+    """``explorer.run(config)``, except when the configuration changes nothing (no layer clustered and
+    no BatchNorm re-estimation): then the result is built from the baseline evaluation the Explorer
+    already holds, without another pass over the test split. This is exact: the model is the base
+    model itself, so its evaluation *is* the baseline. Raises ClusteringError like ``run``."""
+    config.validate()
+    if config.active or config.recalibrate_bn > 0:
+        return explorer.run(config)
+    from .compress import compress, report
+    from .evaluate import Comparison
+    from .pipeline import PruneResult
+
+    key = config.key()
+    with _UNCHANGED_LOCK:
+        per = _UNCHANGED.setdefault(explorer, {})
+        if key in per:
+            return per[key]
+    clustering = Clustering(config, {})
+    small = compress(explorer.model, clustering)
+    result = PruneResult(config, clustering, explorer.model, small, explorer.baseline,
+                         Comparison(explorer.baseline, explorer.baseline), report(small, explorer.model))
+    with _UNCHANGED_LOCK:
+        per[key] = result
+    return result
+
+
+def config_json(config: ClusteringConfig) -> bytes:
+    """The configuration as JSON, exactly what ``python -m explorer.prune --config FILE`` reads."""
+    return (config.to_json() + "\n").encode()
+
+
+def compressed_zip(result, source: str, dataset: dict | None = None) -> bytes:
+    """A zip with the structurally compressed model of ``result`` as written by
+    :func:`explorer.compress.save_compressed` (``<source>_clustered.pt`` + ``.json`` with the specs,
+    the configuration, top-1 and dataset), the configuration JSON and a short README."""
+    from .compress import save_compressed
+
+    name = f"{source}_clustered"
+    extra = {"clustering": result.config.to_dict(), "source": source, "top1": result.evaluation.top1,
+             "baseline_top1": result.comparison.baseline.top1,
+             "params": result.compression.params, "macs": result.compression.macs}
+    if dataset:
+        extra["dataset"] = dataset
+    with tempfile.TemporaryDirectory() as tmp:
+        pt, js = save_compressed(result.compressed, tmp, name, extra=extra)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            z.write(pt, pt.name)
+            z.write(js, js.name)
+            z.writestr("clustering.json", config_json(result.config))
+            z.writestr("README.txt",
+                       f"Clustered ResNet20 from checkpoint {source!r} (top-1 {100 * result.evaluation.top1:.2f}%).\n"
+                       f"Load:   from explorer.compress import load_compressed; "
+                       f"model = load_compressed('{pt.name}')  # keep {js.name} beside it\n"
+                       f"Inputs: float (N, 3, 32, 32) normalised like explorer.data.normalize; output (N, 10) logits.\n"
+                       f"Redo:   python -m explorer.prune --config clustering.json --save DIR\n")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- training from the app
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_EPOCHS = 500
+
+
+class LaunchError(RuntimeError):
+    """Training could not be started: the message says why (disabled, already running, bad name)."""
+
+
+def training_enabled(secrets: Mapping | None = None) -> bool:
+    """Whether visitors may start training: ``EXPLORER_ALLOW_TRAINING=1`` (or true/yes/on), or
+    ``allow_training = true`` in the ``[explorer]`` table of ``.streamlit/secrets.toml``. Off by
+    default: a shared server should not let every visitor start a multi-hour job."""
+    env = os.environ.get(ENV_ALLOW_TRAINING, "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if env in ("0", "false", "no", "off"):
+        return False
+    try:
+        section = (secrets or {}).get("explorer", {}) or {}
+        return bool(section.get("allow_training", False))
+    except Exception:  # secrets objects raise various errors when no secrets file exists
+        return False
+
+
+def log_dir() -> Path:
+    """Where the app writes trainer logs and its launch record: ``$EXPLORER_LOG_DIR`` or ``logs/``."""
+    d = os.environ.get(ENV_LOG_DIR)
+    return Path(d).expanduser() if d else REPO_ROOT / "logs"
+
+
+@dataclass(frozen=True)
+class LaunchRecord:
+    """A trainer started from the app: process id, checkpoint name, log file, start time, command."""
+
+    pid: int
+    name: str
+    log: str
+    started: float
+    cmd: list
+
+    @property
+    def alive(self) -> bool:
+        return _alive(self.pid)
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a finished child that nobody waited for is a zombie: not running
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def last_launch(logs: Path | None = None) -> LaunchRecord | None:
+    """The most recent launch record, or None."""
+    path = (logs or log_dir()) / "launch.json"
+    try:
+        d = json.loads(path.read_text())
+        return LaunchRecord(int(d["pid"]), str(d["name"]), str(d["log"]), float(d["started"]), list(d["cmd"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def running_training(ckpt_dir: Path, logs: Path | None = None) -> str | None:
+    """A description of a trainer that is running now (a checkpoint with a live status file, or the
+    app's last launch still alive), or None."""
+    for info in ckpt.list_checkpoints(ckpt_dir):
+        if info.training:
+            return f"{info.name} (pid {info.status.get('pid')})"
+    rec = last_launch(logs)
+    if rec is not None and rec.alive:
+        return f"{rec.name} (pid {rec.pid}, started from the app)"
+    return None
+
+
+def launch_training(name: str, epochs: int, seed: int, ckpt_dir: Path | None = None, logs: Path | None = None,
+                    extra_args: tuple[str, ...] = ()) -> LaunchRecord:
+    """Start ``python -m explorer.train --epochs E --seed S --name NAME --out DIR`` detached from the
+    app (own session, stdin closed, stdout+stderr to ``<logs>/train-<name>.log``), so it survives
+    the server and never blocks it. At most one trainer runs at a time (checked under a file lock
+    against live status files and the previous launch). The dataset comes from the environment
+    (``EXPLORER_DATA``), as for the app. Raises LaunchError with the reason."""
+    ckpt_dir = Path(ckpt_dir or checkpoint_dir())
+    logs = Path(logs or log_dir())
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise LaunchError("name: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
+    if not (isinstance(epochs, int) and 1 <= epochs <= MAX_EPOCHS):
+        raise LaunchError(f"epochs must be in 1..{MAX_EPOCHS}")
+    if not (isinstance(seed, int) and 0 <= seed < 2**31):
+        raise LaunchError("seed must be in 0..2^31-1")
+    if ckpt.paths(ckpt_dir, name)["meta"].exists() or ckpt.paths(ckpt_dir, name)["weights"].exists():
+        raise LaunchError(f"a checkpoint named {name!r} already exists in {ckpt_dir}; choose another name")
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / ".launch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        busy = running_training(ckpt_dir, logs)
+        if busy:
+            raise LaunchError(f"a training run is already in progress: {busy}; one at a time")
+        log_path = logs / f"train-{name}.log"
+        cmd = [sys.executable, "-m", "explorer.train", "--epochs", str(epochs), "--seed", str(seed),
+               "--name", name, "--out", str(ckpt_dir), "--quiet", *extra_args]
+        with open(log_path, "ab") as out:
+            out.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} started from the app: {' '.join(cmd)}\n".encode())
+            out.flush()
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, close_fds=True)
+        rec = LaunchRecord(proc.pid, name, str(log_path), time.time(), cmd)
+        ckpt.save_json(rec.__dict__, logs / "launch.json")
+        # Reap the child when it ends so it does not linger as a zombie of the server process.
+        threading.Thread(target=proc.wait, name=f"reap-train-{proc.pid}", daemon=True).start()
+        return rec
+
+
+def tail(path: str | Path, lines: int = 8, max_bytes: int = 16_384) -> str:
+    """The last ``lines`` lines of a text file (empty when unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])

@@ -1,0 +1,366 @@
+"""The Streamlit explorer (``streamlit_app.py``) under ``streamlit.testing.v1.AppTest``, plus the
+pure helpers behind it (URL/view state, projections, charts, the training launcher).
+
+Real-data tests run the page on the real CIFAR-10 test split (10,000 images) and the checkpoint in
+``checkpoints/``. While that checkpoint is still being trained its ``.pt`` is rewritten every epoch,
+so the tests take a snapshot copy first (one consistent set of weights for the app and for the
+expected values); once it is complete they use ``checkpoints/`` directly.
+
+Cost: the app's Explorer is shared by all tests of this module (``st.cache_resource`` lives for the
+process and is keyed by the weights' content), so the module does five full evaluations in all: the
+app's baseline, the app's ``layer3.2.conv2=8`` and ``layer1.0.conv1=1`` (from ``=0`` in a URL), and
+an independent ``Explorer`` for the expected values (its baseline and ``layer3.2.conv2=8``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from explorer import app_support as sup
+from explorer import checkpoints as ckpt
+from explorer import projection
+from explorer.clustering import ClusteringConfig
+from explorer.model import CONV_LAYERS
+from explorer.ui import charts
+
+from _apphelpers import NAME, stable_checkpoint_dir
+
+REPO = Path(__file__).resolve().parent.parent
+APP = REPO / "streamlit_app.py"
+TIMEOUT = float(os.environ.get("EXPLORER_APPTEST_TIMEOUT", 900))  # per run; generous for a busy 2-core box
+SLIDER_CONFIG = ClusteringConfig(ks={"layer3.2.conv2": 8})
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory) -> Path:
+    """checkpoints/ when its checkpoint is final, else a snapshot copy of the weights being trained."""
+    return stable_checkpoint_dir(tmp_path_factory.mktemp("ckpt-snapshot"))
+
+
+@pytest.fixture
+def app_env(monkeypatch, ckpt_dir, jpeg_root, tmp_path):
+    monkeypatch.setenv("EXPLORER_CHECKPOINTS", str(ckpt_dir))
+    monkeypatch.setenv("EXPLORER_DATA", str(jpeg_root))
+    monkeypatch.setenv("EXPLORER_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.delenv("EXPLORER_ALLOW_TRAINING", raising=False)
+    return ckpt_dir
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt_dir, jpeg_root):
+    """An Explorer of its own (not the app's) on the same weights, and its result for SLIDER_CONFIG."""
+    import torch
+
+    from explorer.data import load_cifar10
+    from explorer.pipeline import Explorer
+
+    torch.set_num_threads(1)
+    exp = Explorer(ckpt.load_model(ckpt_dir / f"{NAME}.pt"), load_cifar10(jpeg_root), NAME)
+    return exp, exp.run(SLIDER_CONFIG)
+
+
+def make_app(params: dict | None = None):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    for k, v in (params or {}).items():
+        at.query_params[k] = v
+    return at
+
+
+def metric(at, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def no_exception(at) -> None:
+    assert not at.exception, "\n".join(f"{e.message}\n{e.stack_trace}" for e in at.exception)
+
+
+def url_warnings(at) -> list[str]:
+    """st.warning texts other than the "checkpoint in training" banner."""
+    return [w.value for w in at.warning if "in training" not in w.value and "incomplete" not in w.value]
+
+
+def sliders(at) -> dict[str, int]:
+    return {s.key: s.value for s in at.slider if s.key and s.key.startswith("k.")}
+
+
+# ---------------------------------------------------------------- the page on real data
+
+@pytest.mark.realdata
+def test_page_runs_on_real_data(app_env):
+    at = make_app().run()  # default projection: UMAP, started in the background (PCA preview meanwhile)
+    no_exception(at)
+    assert url_warnings(at) == []
+    assert metric(at, "Pruned top-1") == metric(at, "Baseline top-1")  # nothing clustered yet
+    assert metric(at, "Compression ratio").endswith("×")
+    assert sliders(at) == {f"k.{l.name}": l.filters for l in CONV_LAYERS}
+    assert any("of 10,000 test images correct" in c.value for c in at.caption)
+    assert at.query_params == {"ckpt": NAME}  # canonical URL: defaults left out
+    labels = [d.label for d in at.download_button]
+    assert labels == ["Configuration (JSON)", "Compressed model (.zip)", "Per-class accuracy (CSV)",
+                      "Confusion matrices (CSV)"]
+    assert len(at.get("vega_lite_chart")) >= 6  # per-class x2, confusion x3, filters
+
+
+@pytest.mark.realdata
+def test_slider_change_shows_what_explorer_computes(app_env, reference):
+    exp, expected = reference
+    at = make_app({"proj": "pca"}).run()
+    no_exception(at)
+    at.slider(key="k.layer3.2.conv2").set_value(8).run()
+    no_exception(at)
+    assert metric(at, "Pruned top-1") == charts.pct(expected.evaluation.top1)
+    assert metric(at, "Baseline top-1") == charts.pct(exp.baseline.top1)
+    correct = int(np.trace(expected.evaluation.confusion))
+    assert any(c.value.startswith(f"{correct:,} of 10,000 test images correct") for c in at.caption)
+    assert metric(at, "Compression ratio") == f"{expected.compression.compression_ratio:.2f}×"
+    assert at.query_params["k.layer3.2.conv2"] == "8"
+
+
+@pytest.mark.realdata
+def test_url_reproduces_configuration(app_env, reference):
+    _, expected = reference
+    q = {"ckpt": NAME, "k.layer3.2.conv2": "8", "metric": "euclidean", "layer": "layer3.2.conv2", "proj": "pca"}
+    at = make_app(q).run()
+    no_exception(at)
+    assert url_warnings(at) == []
+    want = {f"k.{l.name}": l.filters for l in CONV_LAYERS} | {"k.layer3.2.conv2": 8}
+    assert sliders(at) == want
+    assert at.selectbox(key="layer").value == "layer3.2.conv2"
+    assert at.session_state["proj"] == "pca"
+    assert at.selectbox(key="opt.metric").value == "euclidean"
+    assert metric(at, "Pruned top-1") == charts.pct(expected.evaluation.top1)
+    # The URL is rewritten to its canonical form (default options left out), which reproduces the same view.
+    assert at.query_params == {"ckpt": NAME, "k.layer3.2.conv2": "8", "layer": "layer3.2.conv2", "proj": "pca"}
+
+
+BAD_URLS = [
+    ({"k.layer1.0.conv1": "abc"}, "not an integer", {"k.layer1.0.conv1": 16}),
+    ({"k.layer1.0.conv1": "0"}, "outside 1..16", {"k.layer1.0.conv1": 1}),
+    ({"k.layer1.0.conv1": "999"}, "outside 1..16", {"k.layer1.0.conv1": 16}),
+    ({"k.layer9.9.conv9": "3"}, "unknown layer", {}),
+    ({"ckpt": "no_such_checkpoint"}, "not available", {}),
+    ({"layer": "fc", "metric": "manhattan", "zz": "1", "k.conv1": "1e9"}, "not a conv layer", {"k.conv1": 16}),
+]
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("params, needle, expect", BAD_URLS, ids=["abc", "zero", "999", "layer", "ckpt", "mixed"])
+def test_bad_url_warns_without_exception(app_env, params, needle, expect):
+    at = make_app({**params, "proj": "pca"}).run()
+    no_exception(at)
+    warns = url_warnings(at)
+    assert any(needle in w for w in warns), warns
+    got = sliders(at)
+    assert len(got) == len(CONV_LAYERS)
+    for key, value in expect.items():
+        assert got[key] == value
+    assert at.selectbox(key="ckpt").value == NAME
+    assert metric(at, "Pruned top-1").endswith("%")
+
+
+@pytest.mark.realdata
+def test_checkpoint_in_training_is_labelled_and_explorable(app_env, monkeypatch, tmp_path):
+    """A checkpoint whose metadata says "training" and whose trainer is alive (this process stands in
+    for it): the picker and a banner say "in training", progress is shown, and its weights can be
+    explored (same weights as the other tests, so the app re-uses its loaded model)."""
+    d = tmp_path / "ckpts"
+    d.mkdir()
+    shutil.copy(app_env / f"{NAME}.pt", d / "run_in_training.pt")
+    meta = json.loads((app_env / f"{NAME}.json").read_text())
+    meta.update(status="training", epochs=90, epochs_done=12)
+    meta.pop("test_top1", None)
+    (d / "run_in_training.json").write_text(json.dumps(meta))
+    ckpt.write_status(d / "run_in_training.status.json", state="running", epoch=12.5, epochs=90, eta_seconds=5000,
+                      test_top1=0.61, pid=os.getpid())
+    monkeypatch.setenv("EXPLORER_CHECKPOINTS", str(d))
+    at = make_app({"proj": "pca"}).run()
+    no_exception(at)
+    assert "in training" in sup.checkpoint_label(ckpt.list_checkpoints(d)[0])
+    assert any("run_in_training is in training" in w.value and "epoch 12 of 90" in w.value for w in at.warning)
+    assert any("epoch 12.5/90" in p.text for p in at.progress)
+    assert metric(at, "Pruned top-1").endswith("%")
+
+
+@pytest.mark.realdata
+def test_umap_view_finishes_in_background(app_env):
+    """The first test started this process's UMAP (numba compile) for conv1 in the background; the page
+    showed a PCA preview meanwhile. Wait for it, then the 2D view is a UMAP with n_neighbors=5."""
+    at = make_app().run()
+    deadline = time.time() + TIMEOUT
+    while any("Computing UMAP" in i.value for i in at.info) and time.time() < deadline:
+        time.sleep(5)
+        at.run()
+    no_exception(at)
+    assert not any("Computing UMAP" in i.value for i in at.info)
+    charts_json = [c.proto.spec for c in at.get("vega_lite_chart")]
+    assert any("conv1: 16 filters, not clustered (UMAP, n_neighbors=5)" in s for s in charts_json)
+    # Centroids for a clustered 16-filter layer land in the map fitted on the filters (no re-fit).
+    at2 = make_app({"k.conv1": "4"}).run()
+    deadline = time.time() + TIMEOUT
+    while any("Computing UMAP" in i.value for i in at2.info) and time.time() < deadline:
+        time.sleep(2)
+        at2.run()
+    no_exception(at2)
+    assert any("conv1: 16 filters, k = 4 clusters (UMAP" in c.proto.spec for c in at2.get("vega_lite_chart"))
+
+
+# ---------------------------------------------------------------- URL / view state (no data needed)
+
+def test_parse_query_defaults_and_roundtrip():
+    view, warns = sup.parse_query({}, ["a", "b"])
+    assert warns == [] and view.ckpt == "a" and view.config == ClusteringConfig()
+    assert (view.layer, view.proj) == (sup.DEFAULT_LAYER, sup.DEFAULT_PROJECTION)
+    cfg = ClusteringConfig(ks={"conv1": 3, "layer3.2.conv2": 64, "layer2.0.conv1": 7}, metric="cosine", fold_bn=True,
+                           recalibrate_bn=500, seed=4)
+    v = sup.ViewState("b", cfg, "layer2.0.conv1", "pca")
+    q = sup.view_query(v)
+    assert q["ckpt"] == "b" and q["k.layer2.0.conv1"] == "7" and "k.layer3.2.conv2" not in q  # 64 = unchanged
+    back, warns = sup.parse_query(q, ["a", "b"])
+    assert warns == [] and back.config.key() == cfg.key() and (back.ckpt, back.layer, back.proj) == ("b", "layer2.0.conv1", "pca")
+
+
+@pytest.mark.parametrize("params, needle", [
+    ({"k.layer1.0.conv1": "abc"}, "not an integer"),
+    ({"k.layer1.0.conv1": "0"}, "outside"),
+    ({"k.layer1.0.conv1": "-5"}, "outside"),
+    ({"k.layer1.0.conv1": "9" * 80}, "outside"),
+    ({"k.nope": "3"}, "unknown layer"),
+    ({"ckpt": "../../etc/passwd"}, "not available"),
+    ({"layer": "layer1.0.bn1"}, "not a conv layer"),
+    ({"proj": "tsne"}, "not one of"),
+    ({"metric": ["cosine", "bogus"]}, "not one of"),
+    ({"what\u00e9ver": "1"}, "unknown URL parameter"),
+])
+def test_parse_query_never_raises(params, needle):
+    view, warns = sup.parse_query(params, ["a"])
+    assert any(needle in w for w in warns), warns
+    view.config.validate()
+    assert view.ckpt == "a" and view.proj in projection.METHODS
+
+
+def test_parse_query_without_checkpoints():
+    view, warns = sup.parse_query({"ckpt": "x"}, [])
+    assert view.ckpt is None and warns
+
+
+# ---------------------------------------------------------------- projections and charts
+
+def test_umap_neighbors_for_small_layers():
+    assert [projection.umap_neighbors(n) for n in (16, 32, 64, 1024)] == [5, 10, 15, 15]
+    assert projection.umap_neighbors(3) == 2
+
+
+def test_pca_projection_places_centroids_with_the_fitted_map():
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(16, 27)).astype(np.float32)
+    cents = np.stack([pts[:8].mean(0), pts[8:].mean(0), pts[3]])
+    p = projection.embed(pts, cents, "pca")
+    assert p.points.shape == (16, 2) and p.centroids.shape == (3, 2) and p.method == "pca"
+    # PCA is linear: a mean of points maps to the mean of their images; an exact point onto its image.
+    np.testing.assert_allclose(p.centroids[0], p.points[:8].mean(0), atol=1e-4)
+    np.testing.assert_allclose(p.centroids[2], p.points[3], atol=1e-6)
+    again = projection.embed(pts, cents[:1], "pca")
+    np.testing.assert_array_equal(again.points, p.points)  # fitted once, not per k
+    tiny = projection.embed(pts[:4], None, "umap")
+    assert tiny.method == "pca" and tiny.note  # too few points for UMAP
+    with pytest.raises(ValueError):
+        projection.embed(pts, cents[:, :5], "pca")
+
+
+def test_clustering_space_normalises_for_cosine():
+    pts = np.array([[3.0, 4.0], [0.0, 2.0]])
+    np.testing.assert_allclose(projection.clustering_space(pts, "cosine"), [[0.6, 0.8], [0.0, 1.0]], atol=1e-6)
+    np.testing.assert_allclose(projection.clustering_space(pts, "euclidean"), pts)
+
+
+def _comparison():
+    from explorer.evaluate import Comparison, evaluation_from_predictions
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(10), 20)
+    base = np.where(rng.random(200) < 0.8, labels, rng.integers(0, 10, 200))
+    pruned = np.where(rng.random(200) < 0.9, base, rng.integers(0, 10, 200))
+    return Comparison(evaluation_from_predictions(base, labels), evaluation_from_predictions(pruned, labels))
+
+
+def test_formatting_and_tables():
+    assert charts.pct(0.91234) == "91.2%" and charts.pp(-0.0123) == "-1.2 pp" and charts.pp(-0.0001) == "+0.0 pp"
+    cmp = _comparison()
+    df = charts.per_class_frame(cmp)
+    assert list(df["class"]) == list(cmp.baseline.classes) and df["support"].sum() == 200
+    np.testing.assert_allclose(df["delta"], cmp.per_class_delta)
+    csv = charts.per_class_csv(cmp).decode().splitlines()
+    assert csv[0] == "class,baseline,pruned,delta,support" and csv[-1].startswith("top-1,")
+    conf = charts.confusion_frame(cmp)
+    assert len(conf) == 100 and conf["baseline"].sum() == 200 and conf["delta"].sum() == 0
+    assert charts.confusion_csv(cmp).decode().startswith("true,predicted,baseline,pruned,delta")
+
+
+def test_charts_build_with_tooltips_and_class_names():
+    cmp = _comparison()
+    for chart in (charts.per_class_chart(cmp), charts.per_class_delta_chart(cmp),
+                  charts.confusion_chart(cmp.baseline.confusion, cmp.baseline.classes, "Baseline"),
+                  charts.confusion_chart(cmp.confusion_delta, cmp.baseline.classes, "Diff", kind="delta")):
+        spec = json.dumps(chart.to_dict())
+        assert "tooltip" in spec and "airplane" in spec
+    p = projection.embed(np.random.default_rng(0).normal(size=(16, 9)), None, "pca")
+    pts, cents = charts.projection_frame(p, None, np.ones(16), [str(i) for i in range(16)])
+    assert cents is None and list(pts["cluster"]) == list(range(16))
+    assert "tooltip" in json.dumps(charts.projection_chart(pts, cents, "t").to_dict())
+    img = charts.filter_mosaic(np.random.default_rng(0).normal(size=(16, 3, 3)), scale=3)
+    assert img.dtype == np.uint8 and img.shape == (45, 45, 3)
+
+
+# ---------------------------------------------------------------- training from the app
+
+def test_training_disabled_by_default(monkeypatch):
+    monkeypatch.delenv(sup.ENV_ALLOW_TRAINING, raising=False)
+    assert not sup.training_enabled({})
+    assert sup.training_enabled({"explorer": {"allow_training": True}})
+    monkeypatch.setenv(sup.ENV_ALLOW_TRAINING, "1")
+    assert sup.training_enabled({})
+    monkeypatch.setenv(sup.ENV_ALLOW_TRAINING, "0")
+    assert not sup.training_enabled({"explorer": {"allow_training": True}})
+
+
+def test_launch_training_detached_one_at_a_time(tmp_path):
+    d, logs = tmp_path / "ckpts", tmp_path / "logs"
+    for bad in ("../x", ".hidden", "", "a" * 65, "a b"):
+        with pytest.raises(sup.LaunchError):
+            sup.launch_training(bad, 1, 0, d, logs)
+    tiny = ("--synthetic", "40", "--batch-size", "20", "--threads", "1", "--precision", "fp32", "--cutout", "0")
+    rec = sup.launch_training("tiny", 1, 0, d, logs, extra_args=tiny)
+    try:
+        assert os.getsid(rec.pid) == rec.pid  # its own session: survives the server, never blocks it
+        with pytest.raises(sup.LaunchError, match="already in progress"):
+            sup.launch_training("tiny2", 1, 0, d, logs, extra_args=tiny)
+        deadline = time.time() + 600
+        while rec.alive and time.time() < deadline:
+            time.sleep(1)
+        assert not rec.alive, sup.tail(rec.log, 20)
+    finally:
+        if rec.alive:
+            os.killpg(rec.pid, 15)
+    infos = ckpt.list_checkpoints(d)
+    assert [i.name for i in infos] == ["tiny"] and infos[0].complete, sup.tail(rec.log, 20)
+    assert "started from the app" in Path(rec.log).read_text()
+    with pytest.raises(sup.LaunchError, match="already exists"):
+        sup.launch_training("tiny", 1, 0, d, logs)
+    assert sup.last_launch(logs).name == "tiny"
+
+
+def test_model_from_bytes_rejects_bad_files(tmp_path):
+    with pytest.raises(ckpt.CheckpointError):
+        sup.model_from_bytes(b"not a checkpoint", "x.pt")
+    with pytest.raises(ckpt.CheckpointError):
+        sup.read_weights(tmp_path / "missing.pt")

@@ -1,0 +1,123 @@
+"""The explorer in a real browser: ``streamlit run streamlit_app.py`` headless on a free local port,
+driven by Debian's Chromium through Playwright. Loads the page, moves a slider with the keyboard,
+checks that the accuracy shown changes (and the URL with it), and saves ``docs/screenshot.png``.
+
+Needs ``/usr/bin/chromium`` (``apt-get install chromium``): skipped when it is missing, except under
+``CI`` where that is a failure. Uses the real test split and the checkpoint in ``checkpoints/`` (a
+snapshot copy while it is still being trained).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from _apphelpers import stable_checkpoint_dir
+
+pytestmark = [pytest.mark.browser, pytest.mark.realdata]
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = REPO / "docs" / "screenshot.png"
+WAIT_MS = int(float(os.environ.get("EXPLORER_BROWSER_TIMEOUT", 900)) * 1000)  # busy 2-core machines are slow
+SLIDER = "layer3.2.conv2"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    if not os.path.exists(CHROMIUM):
+        msg = f"{CHROMIUM} not found (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(msg + "; under CI the browser test must run")
+        pytest.skip(msg)
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, jpeg_root, chromium):
+    tmp = tmp_path_factory.mktemp("browser")
+    ckpt_dir = stable_checkpoint_dir(tmp / "ckpts")
+    port = _free_port()
+    env = {**os.environ, "EXPLORER_CHECKPOINTS": str(ckpt_dir), "EXPLORER_DATA": str(jpeg_root),
+           "EXPLORER_THREADS": "1", "OMP_NUM_THREADS": "1", "EXPLORER_LOG_DIR": str(tmp / "logs")}
+    env.pop("EXPLORER_ALLOW_TRAINING", None)
+    log = open(tmp / "streamlit.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "streamlit_app.py"),
+                             "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1",
+                             "--browser.gatherUsageStats", "false"],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=5).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                log.flush()
+                pytest.fail(f"streamlit did not start:\n{(tmp / 'streamlit.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        text = (tmp / "streamlit.log").read_text(errors="replace")
+        assert "Traceback" not in text, text[-3000:]
+
+
+def test_slider_changes_accuracy_in_chromium(server, chromium):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                          "--disable-component-update", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(f"{server}/?proj=pca&layer={SLIDER}", wait_until="domcontentloaded")
+            pruned = page.locator('[data-testid="stMetric"]').filter(has_text="Pruned top-1") \
+                .locator('[data-testid="stMetricValue"]')
+            expect(pruned).to_contain_text("%", timeout=WAIT_MS)  # first load: data + baseline evaluation
+            before = pruned.inner_text().strip()
+            baseline = page.locator('[data-testid="stMetric"]').filter(has_text="Baseline top-1") \
+                .locator('[data-testid="stMetricValue"]').inner_text().strip()
+            assert before == baseline  # nothing clustered yet
+
+            thumb = page.locator('[data-testid="stSlider"]').filter(has_text=SLIDER).get_by_role("slider")
+            thumb.scroll_into_view_if_needed()
+            thumb.focus()
+            thumb.press("Home")  # k = 1: every filter of the layer replaced by one centroid
+            expect(thumb).to_have_value("1", timeout=30_000)
+            expect(pruned).not_to_have_text(before, timeout=WAIT_MS)
+            after = pruned.inner_text().strip()
+            assert after.endswith("%") and after != before
+            page.wait_for_function("() => window.location.search.includes('k.layer3.2.conv2=1')", timeout=60_000)
+            page.wait_for_timeout(2000)  # let the charts finish drawing
+            page.locator('[data-testid="stSidebar"]').evaluate("e => e.scrollTo(0, 0)")
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT))
+        finally:
+            browser.close()
