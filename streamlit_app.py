@@ -37,8 +37,7 @@ st.set_page_config(page_title="ResNet20 filter clustering explorer", page_icon="
 
 ss = st.session_state
 STAGES = (("Stem", 0), ("Stage 1 · 16 filters", 1), ("Stage 2 · 32 filters", 2), ("Stage 3 · 64 filters", 3))
-OPTION_DEFAULTS = {"metric": "euclidean", "granularity": "filter", "fold_bn": False, "recalibrate_bn": 0,
-                   "seed": 0, "n_init": 3}
+OPTION_DEFAULTS = {name: getattr(ClusteringConfig(), name) for name in sup.CONFIG_KEYS}
 METRIC_HELP = {"euclidean": "k-means on the raw filters",
                "cosine": "k-means on unit-length filters; each filter keeps its own norm"}
 
@@ -177,10 +176,11 @@ def training_form(ckpt_dir: Path) -> None:
                        "under `[explorer]` in `.streamlit/secrets.toml`; or run `python -m explorer.train` yourself.")
             return
         with st.form("train_form"):
-            epochs = st.number_input("Epochs", 1, sup.MAX_EPOCHS, 90)
-            seed = st.number_input("Seed", 0, 2**31 - 1, 1)
-            name = st.text_input("Name", f"resnet20_seed{int(seed)}", max_chars=64)
-            go = st.form_submit_button("Start training", type="primary")
+            epochs = st.number_input("Epochs", 1, sup.MAX_EPOCHS, 90, key="train.epochs")
+            seed = st.number_input("Seed", 0, 2**31 - 1, 1, key="train.seed")
+            name = st.text_input("Name", "resnet20_seed1", max_chars=64, key="train.name",
+                                 help="Writes checkpoints/<name>.pt and .json; must not exist yet")
+            go = st.form_submit_button("Start training", type="primary", key="train.submit")
         if go:
             try:
                 rec = sup.launch_training(name.strip(), int(epochs), int(seed), ckpt_dir)

@@ -143,6 +143,32 @@ def test_url_reproduces_configuration(app_env, reference):
     assert at.query_params == {"ckpt": NAME, "k.layer3.2.conv2": "8", "layer": "layer3.2.conv2", "proj": "pca"}
 
 
+@pytest.mark.realdata
+def test_downloads_reload(reference, tmp_path):
+    """The compressed-model zip loads back (explorer.compress.load_compressed) and predicts like the
+    clustered model; the configuration JSON is what `python -m explorer.prune --config` reads."""
+    import io
+    import zipfile
+
+    import torch
+
+    from explorer.compress import load_compressed
+    from explorer.data import normalize
+
+    exp, result = reference
+    with zipfile.ZipFile(io.BytesIO(sup.compressed_zip(result, NAME, exp.data.identity.to_dict()))) as z:
+        assert sorted(z.namelist()) == sorted([f"{NAME}_clustered.pt", f"{NAME}_clustered.json", "clustering.json",
+                                               "README.txt"])
+        z.extractall(tmp_path)
+    small = load_compressed(tmp_path / f"{NAME}_clustered.pt")
+    x = normalize(exp.data.test_images[:200])
+    with torch.inference_mode():
+        torch.testing.assert_close(small(x), result.model(x), atol=1e-4, rtol=1e-4)
+    meta = json.loads((tmp_path / f"{NAME}_clustered.json").read_text())
+    assert meta["top1"] == result.evaluation.top1 and meta["clustering"] == SLIDER_CONFIG.to_dict()
+    assert ClusteringConfig.from_json(sup.config_json(SLIDER_CONFIG).decode()) == SLIDER_CONFIG
+
+
 BAD_URLS = [
     ({"k.layer1.0.conv1": "abc"}, "not an integer", {"k.layer1.0.conv1": 16}),
     ({"k.layer1.0.conv1": "0"}, "outside 1..16", {"k.layer1.0.conv1": 1}),
@@ -183,12 +209,19 @@ def test_checkpoint_in_training_is_labelled_and_explorable(app_env, monkeypatch,
     ckpt.write_status(d / "run_in_training.status.json", state="running", epoch=12.5, epochs=90, eta_seconds=5000,
                       test_top1=0.61, pid=os.getpid())
     monkeypatch.setenv("EXPLORER_CHECKPOINTS", str(d))
+    monkeypatch.setenv("EXPLORER_ALLOW_TRAINING", "1")
     at = make_app({"proj": "pca"}).run()
     no_exception(at)
     assert "in training" in sup.checkpoint_label(ckpt.list_checkpoints(d)[0])
     assert any("run_in_training is in training" in w.value and "epoch 12 of 90" in w.value for w in at.warning)
     assert any("epoch 12.5/90" in p.text for p in at.progress)
     assert metric(at, "Pruned top-1").endswith("%")
+    # Training from the app is enabled here, but one trainer is already running: refused, nothing started.
+    at.text_input(key="train.name").set_value("another_run")
+    at.button(key="train.submit").click().run()
+    no_exception(at)
+    assert any("already in progress" in e.value for e in at.error), [e.value for e in at.error]
+    assert not (d / "another_run.json").exists() and sup.last_launch() is None
 
 
 @pytest.mark.realdata

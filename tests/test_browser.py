@@ -116,7 +116,10 @@ def test_slider_changes_accuracy_in_chromium(server, chromium):
             assert after.endswith("%") and after != before
             page.wait_for_function("() => window.location.search.includes('k.layer3.2.conv2=1')", timeout=60_000)
             page.wait_for_timeout(2000)  # let the charts finish drawing
-            page.locator('[data-testid="stSidebar"]').evaluate("e => e.scrollTo(0, 0)")
+            # Back to the top of the sidebar (checkpoint picker, options) for the picture.
+            page.locator('[data-testid="stSidebar"]').evaluate(
+                "e => [e, ...e.querySelectorAll('*')].forEach(n => { if (n.scrollTop > 0) n.scrollTop = 0; })")
+            page.wait_for_timeout(500)
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT))
         finally:
