@@ -45,9 +45,12 @@ curve, the compression report), ``<name>.log.jsonl`` (one line per epoch), ``<na
 
 Examples::
 
-    python -m explorer.search --budget 20 --fold-bn --write-config cfg.json
-    python -m explorer.finetune --config cfg.json --epochs 30
-    python -m explorer.finetune --config cfg.json --epochs 30 --resume     # after an interruption
+    python -m explorer.search --fold-bn --budget 5 10 20 40 --target-reduction 0.42 \\
+        --write-config checkpoints/resnet20_cifar10_ft.config.json
+    python -m explorer.finetune --config checkpoints/resnet20_cifar10_ft.config.json --epochs 30
+    python -m explorer.finetune --config checkpoints/resnet20_cifar10_ft.config.json --epochs 30 --resume
+
+(``*.config.json`` files are not listed as checkpoints by the app.)
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ from torch import nn
 
 from . import checkpoints as ckpt
 from .analysis_io import default_checkpoint, load_data, weights_digest
-from .clustering import Clustering, ClusteringConfig, ClusteringError, LayerClustering
+from .clustering import Clustering, ClusteringConfig, ClusteringError
 from .compress import compress, export_onnx, report, save_compressed
 from .data import CLASSES, DataNotFoundError, augment, normalize
 from .engine import FastEvaluator

@@ -48,7 +48,7 @@ from .clustering import METRICS, ClusteringConfig, ClusteringError, apply, clust
 from .compress import compress, count_params
 from .data import CLASSES, DataNotFoundError
 from .model import CONV_LAYER_NAMES, conv_layer
-from .sensitivity import K_GRID, SUFFIX as SENS_SUFFIX, drop_table, k_grid, load_sensitivity, options_key, sweep
+from .sensitivity import K_GRID, SUFFIX as SENS_SUFFIX, drop_table, load_sensitivity, options_key, sweep
 
 SUFFIX = ".search.json"
 OBJECTIVES = ("macs", "params")
