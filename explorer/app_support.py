@@ -303,23 +303,7 @@ class LaunchRecord:
 
     @property
     def alive(self) -> bool:
-        return _alive(self.pid)
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a finished child that nobody waited for is a zombie: not running
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+        return ckpt.pid_alive(self.pid)
 
 
 def last_launch(logs: Path | None = None) -> LaunchRecord | None:

@@ -22,7 +22,7 @@ import torch
 from . import checkpoints as ckpt
 from .clustering import ClusteringConfig, cluster_layer, prune
 from .data import load_cifar10, normalize
-from .model import CONV_LAYERS, conv_layer
+from .model import CONV_LAYERS
 
 
 @torch.inference_mode()

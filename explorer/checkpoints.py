@@ -164,7 +164,7 @@ class CheckpointInfo:
 
     @property
     def training(self) -> bool:
-        return self.status is not None and self.status.get("state") == "running" and _pid_alive(self.status.get("pid"))
+        return self.status is not None and self.status.get("state") == "running" and pid_alive(self.status.get("pid"))
 
     @property
     def top1(self) -> float | None:
@@ -181,7 +181,8 @@ class CheckpointInfo:
         return f"{self.name} (incomplete)"
 
 
-def _pid_alive(pid) -> bool:
+def pid_alive(pid) -> bool:
+    """Whether process ``pid`` is running (a zombie, finished but not reaped, is not)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -190,7 +191,11 @@ def _pid_alive(pid) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def paths(directory: str | os.PathLike, name: str) -> dict[str, Path]:

@@ -25,9 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import threading
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .lru import LRUCache
 from .model import CONV_LAYER_NAMES, conv_layer
 
 METRICS = ("euclidean", "cosine")
@@ -353,31 +352,7 @@ def cluster_layer(name: str, weight: torch.Tensor, bn: nn.BatchNorm2d | None, k:
                            new_w.float().contiguous(), bias, torch.from_numpy(np.asarray(scales)).float())
 
 
-class _LRU:
-    """A small thread-safe LRU for k-means results (each at most ~150 KB; 512 entries ~ 75 MB)."""
-
-    def __init__(self, maxsize: int = 512):
-        self.maxsize, self.data, self.lock = maxsize, OrderedDict(), threading.Lock()
-        self.hits = self.misses = 0
-
-    def get(self, key):
-        with self.lock:
-            if key in self.data:
-                self.data.move_to_end(key)
-                self.hits += 1
-                return self.data[key]
-            self.misses += 1
-            return None
-
-    def put(self, key, value):
-        with self.lock:
-            self.data[key] = value
-            self.data.move_to_end(key)
-            while len(self.data) > self.maxsize:
-                self.data.popitem(last=False)
-
-
-_CACHE = _LRU()
+_CACHE = LRUCache(512)  # each entry at most ~150 KB
 
 
 def _tensor_digest(*tensors: torch.Tensor) -> str:

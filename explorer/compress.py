@@ -19,7 +19,6 @@ MACs = FLOPs / 2); gathers and per-channel affines are not counted (< 0.2% of th
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -244,7 +243,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17) -> P
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant-folding notes about the strided shortcut slices
         torch.onnx.export(model.eval(), (torch.zeros(1, 3, 32, 32),), str(path), input_names=["images"],
-                      output_names=["logits"],
+                          output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
                           opset_version=opset, dynamo=False)
     return path

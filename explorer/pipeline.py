@@ -6,8 +6,6 @@ evaluation on the full test split, per-class deltas, compression report), cached
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from .compress import CompressedResNet20, CompressionReport, compress, report
 from .data import CIFAR10Tensors, load_cifar10
 from .engine import FastEvaluator
 from .evaluate import Comparison, Evaluation, evaluate
+from .lru import LRUCache
 
 
 @dataclass(frozen=True)
@@ -69,9 +68,7 @@ class Explorer:
         # The baseline goes through the same engine as every pruned net, so "nothing clustered"
         # reproduces it exactly (a plain eager pass may differ on a near-tie or two).
         self.baseline = self.engine.evaluate(compress(self.model))
-        self._cache: OrderedDict[str, PruneResult] = OrderedDict()
-        self._cache_size = cache_size
-        self._lock = threading.Lock()
+        self._cache = LRUCache(cache_size)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, data_root: str | None = None, data: CIFAR10Tensors | None = None
@@ -96,18 +93,13 @@ class Explorer:
         Raises ClusteringError for an invalid configuration.
         """
         key = config.key() + repr(latency_batches)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
         model, clustering = prune(self.model, config, self.data.train_images)
         small = compress(model, clustering)
         ev = self.engine.evaluate(small)
         result = PruneResult(config, clustering, model, small, ev, Comparison(self.baseline, ev),
                              report(small, self.model, latency_batches))
-        with self._lock:
-            self._cache[key] = result
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        self._cache.put(key, result)
         return result

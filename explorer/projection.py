@@ -37,11 +37,12 @@ import hashlib
 import os
 import threading
 import warnings
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .lru import LRUCache
 
 METHODS: tuple[str, ...] = ("umap", "pca")
 MIN_UMAP_POINTS = 8
@@ -86,31 +87,7 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha1(str(a.shape).encode() + a.tobytes()).hexdigest()
 
 
-class _LRU:
-    def __init__(self, maxsize: int):
-        self.maxsize, self.data, self.lock = maxsize, OrderedDict(), threading.Lock()
-
-    def get(self, key):
-        with self.lock:
-            if key in self.data:
-                self.data.move_to_end(key)
-                return self.data[key]
-            return None
-
-    def put(self, key, value):
-        with self.lock:
-            self.data[key] = value
-            self.data.move_to_end(key)
-            while len(self.data) > self.maxsize:
-                self.data.popitem(last=False)
-
-    def __len__(self):
-        return len(self.data)
-
-
-# Fitted reducers of this process: (points digest, method, seed) -> (model, embedding, params).
-# A fitted UMAP of a 64 x 576 layer holds ~ 1 MB; 64 entries cover every layer under several options.
-_FITS = _LRU(64)
+_FITS = LRUCache(64)
 
 
 def _fit(points: np.ndarray, method: str, seed: int):
@@ -189,7 +166,7 @@ def embed(points: np.ndarray, centroids: np.ndarray | None = None, method: str =
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
-_FUTURES = _LRU(256)
+_FUTURES = LRUCache(256)
 
 
 def _worker_init() -> None:
