@@ -10,6 +10,8 @@ per session and the URL is rewritten from the widgets after every run. Sharing: 
 baseline evaluation are loaded once per process (``st.cache_resource``) and never mutated; each
 configuration's results are cached by :class:`explorer.pipeline.Explorer`. Slider changes re-run only
 the ``explore`` fragment (controls + results); a layer/projection change re-runs only its fragment.
+Uploads: a ``.pt`` uploaded in the sidebar is validated (``sup.check_upload``) and kept in that
+session's state only; it is never written to disk and never offered to other sessions.
 """
 from __future__ import annotations
 
@@ -62,6 +64,15 @@ def load_data(root: str | None):
 def load_explorer(digest: str, data_root: str | None, _weights: bytes, _name: str) -> Explorer:
     """One Explorer per weights content (``digest``), shared by all sessions and never mutated."""
     return Explorer(sup.model_from_bytes(_weights, f"{_name}.pt"), load_data(data_root), _name)
+
+
+@st.cache_resource(show_spinner="Evaluating the uploaded checkpoint on the 10,000 test images...",
+                   max_entries=sup.MAX_UPLOAD_EXPLORERS)
+def load_upload_explorer(digest: str, data_root: str | None, _weights: bytes, _name: str) -> Explorer:
+    """An uploaded checkpoint's Explorer, keyed by its content (so only a session holding the same bytes
+    reaches it); kept apart from the shipped checkpoints' and bounded in number and activation cache."""
+    return Explorer(sup.model_from_bytes(_weights, f"{_name}.pt"), load_data(data_root), _name,
+                    activation_cache_mb=sup.UPLOAD_ACTIVATION_CACHE_MB)
 
 
 # ---------------------------------------------------------------- view state <-> widgets
@@ -121,6 +132,27 @@ def layer_label(name: str) -> str:
 
 
 # ---------------------------------------------------------------- sidebar: checkpoints, training
+
+def on_upload() -> None:
+    """The uploader changed: validate the file (explorer.app_support.check_upload) and keep it in this
+    session only, selected in the picker; an invalid file leaves the session's checkpoints as they were."""
+    f = ss.get("upload")
+    ss.pop("upload_error", None)
+    previous = ss.pop("uploaded", None)
+    if f is None:  # removed from the uploader
+        if previous is not None and ss.get("ckpt") == previous.key:
+            ss.pop("ckpt", None)
+        return
+    try:
+        up = sup.check_upload(f.name, f.getvalue())
+    except sup.UploadError as e:
+        ss["upload_error"] = str(e)
+        if previous is not None and ss.get("ckpt") == previous.key:
+            ss.pop("ckpt", None)
+        return
+    ss["uploaded"] = up
+    ss["ckpt"] = up.key
+
 
 def training_enabled() -> bool:
     try:
@@ -423,8 +455,12 @@ def main() -> None:
     ckpt_dir = sup.checkpoint_dir()
     infos = ckpt.list_checkpoints(ckpt_dir)
     usable = sup.usable_checkpoints(infos)
-    names = [i.name for i in usable]
     by_name = {i.name: i for i in usable}
+    labels = {i.name: sup.checkpoint_label(i) for i in usable}
+    upload = ss.get("uploaded")  # this session's uploaded checkpoint (memory only), if any
+    if upload is not None and upload.key not in by_name:
+        labels[upload.key] = upload.label
+    names = list(labels)
 
     st.title("ResNet20 filter clustering explorer")
     first_run = not ss.get("_initialised")
@@ -436,7 +472,7 @@ def main() -> None:
             st.warning(w, icon=":material/link_off:")
     else:
         put_view(view, only_missing=True)
-    if ss.get("ckpt") not in by_name and names:
+    if ss.get("ckpt") not in labels and names:
         ss["ckpt"] = names[0]
 
     with st.sidebar:
@@ -444,9 +480,16 @@ def main() -> None:
         if not names:
             st.error(f"No usable checkpoint in `{ckpt_dir}`.")
         else:
-            st.selectbox("Checkpoint", names, key="ckpt", format_func=lambda n: sup.checkpoint_label(by_name[n]),
+            st.selectbox("Checkpoint", names, key="ckpt", format_func=labels.__getitem__,
                          label_visibility="collapsed")
-            st.caption(sup.checkpoint_label(by_name[ss["ckpt"]]))
+            st.caption(labels[ss["ckpt"]])
+        st.file_uploader(f"Upload a checkpoint (.pt, at most {sup.MAX_UPLOAD_MB} MB)", type=["pt"], key="upload",
+                         on_change=on_upload, max_upload_size=sup.MAX_UPLOAD_MB,
+                         help="A ResNet20 state dict (`torch.save(model.state_dict(), 'name.pt')`). It is checked "
+                              "(loaded without running any code from the file), kept in this browser session's "
+                              "memory only, and neither saved on the server nor shown to anyone else.")
+        if ss.get("upload_error"):
+            st.error(ss["upload_error"], icon=":material/error:")
         if any(i.training for i in infos) or (sup.last_launch() and sup.last_launch().alive):
             training_progress(str(ckpt_dir), checkpoint_signature(infos))
         for bad in (i for i in infos if i.error):
@@ -458,9 +501,39 @@ def main() -> None:
             training_form(ckpt_dir)
         return
 
-    info = by_name[ss["ckpt"]]
     data_root = resolve_root()
     data_root = str(data_root) if data_root else None
+    if upload is not None and ss["ckpt"] == upload.key:
+        exp, name = open_upload(upload, data_root), upload.name
+    else:
+        exp, name = open_shipped(by_name[ss["ckpt"]], data_root), ss["ckpt"]
+    if exp is None:
+        return
+    explore(exp, name)
+    with st.sidebar:
+        st.divider()
+        training_form(ckpt_dir)
+        st.caption(f"torch threads: {torch.get_num_threads()} · share this view by copying the URL")
+
+
+def open_upload(upload: sup.UploadedCheckpoint, data_root: str | None) -> Explorer | None:
+    """The Explorer of this session's uploaded checkpoint and its caption (an st.error and None if it fails)."""
+    try:
+        exp = load_upload_explorer(upload.digest, data_root, upload.weights, upload.name)
+    except DataNotFoundError as e:
+        st.error(sup.data_error_message(e))
+        return None
+    except ckpt.CheckpointError as e:
+        st.error(str(e))
+        return None
+    st.caption(f"**{upload.filename}** · uploaded in this session (kept in its memory only, not saved on the "
+               f"server) · evaluated here on {exp.data.identity.name} ({len(exp.data.test_labels):,} test images)")
+    return exp
+
+
+def open_shipped(info: ckpt.CheckpointInfo, data_root: str | None) -> Explorer | None:
+    """The Explorer of a checkpoint in the checkpoint directory and its caption or "in training" banner
+    (an st.error and None if it fails)."""
     try:
         weights, digest = sup.read_weights(info.path)
         pin = ss.get(f"pinned.{info.name}")
@@ -471,11 +544,11 @@ def main() -> None:
         else:
             exp = pin["explorer"]
     except DataNotFoundError as e:
-        st.error(str(e))
-        return
+        st.error(sup.data_error_message(e))
+        return None
     except ckpt.CheckpointError as e:
         st.error(f"{info.name}: {e}")
-        return
+        return None
 
     meta = info.meta
     ds = meta.get("dataset", {}).get("name", "?")
@@ -495,12 +568,6 @@ def main() -> None:
                     st.rerun()
             else:
                 b.caption("latest weights")
-
-    explore(exp, info.name)
-    with st.sidebar:
-        st.divider()
-        training_form(ckpt_dir)
-        st.caption(f"torch threads: {torch.get_num_threads()} · share this view by copying the URL")
-
+    return exp
 
 main()

@@ -4,6 +4,9 @@
   method) and its lenient URL parsing (:func:`parse_query`, never raises; bad values become
   warnings) and canonical URL form (:func:`view_query`);
 - which checkpoints the app offers (:func:`usable_checkpoints`) and how they are labelled;
+- checkpoint uploads (:func:`check_upload`): size-limited, loaded with ``weights_only=True`` and
+  validated like shipped checkpoints, kept in the uploading session's memory only;
+- the message shown when there is no dataset (:func:`data_error_message`);
 - results for a configuration (:func:`result_for`, with an exact shortcut for "nothing clustered");
 - download payloads (:func:`config_json`, :func:`compressed_zip`);
 - the optional "train a new checkpoint" launcher (:func:`launch_training`): one detached
@@ -11,6 +14,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -122,6 +126,97 @@ def model_from_bytes(data: bytes, source: str):
     return model.eval()
 
 
+# ---------------------------------------------------------------- uploads
+
+MAX_UPLOAD_MB = 20  # keep in step with server.maxUploadSize in .streamlit/config.toml
+MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 2**20
+UPLOAD_PREFIX = "upload:"  # picker key of a session's uploaded checkpoint; never a file name in checkpoints/
+# Uploaded checkpoints' Explorers: at most this many per server process, each with a small activation
+# cache, so visitors' uploads can neither evict the shipped checkpoints' models nor grow memory unbounded.
+MAX_UPLOAD_EXPLORERS = 2
+UPLOAD_ACTIVATION_CACHE_MB = 256
+_SAVE_HINT = "upload a ResNet20 state dict saved with torch.save(model.state_dict(), 'name.pt')"
+
+
+class UploadError(ckpt.CheckpointError):
+    """An uploaded file is not a usable checkpoint; the message is one line: what is wrong, what to do."""
+
+
+@dataclass(frozen=True)
+class UploadedCheckpoint:
+    """A validated upload, held in the uploading session's state only (never written to disk).
+    ``key`` is its picker entry, ``name`` the sanitised file stem (used for download names),
+    ``digest`` the content digest (as :func:`read_weights`)."""
+
+    key: str
+    name: str
+    filename: str
+    weights: bytes = dataclasses.field(repr=False)
+    digest: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} - uploaded, this session only ({len(self.weights) / 2**20:.1f} MB)"
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(text)).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def upload_name(filename: str) -> str:
+    """A safe display/download stem for an uploaded file name: no directories, only letters, digits,
+    '_', '-' and '.', at most 64 characters ("uploaded" when nothing is left)."""
+    base = re.split(r"[\\/]", str(filename))[-1]
+    if base.lower().endswith(".pt"):
+        base = base[:-3]
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("._-")[:64]
+    return base or "uploaded"
+
+
+def check_upload(filename: str, data: bytes, max_bytes: int = MAX_UPLOAD_BYTES) -> UploadedCheckpoint:
+    """Validate an uploaded checkpoint: a ``.pt`` name, at most ``max_bytes``, loadable with
+    ``torch.load(..., weights_only=True)`` (no pickle code runs) and a ResNet20 state dict with the
+    right keys, shapes and finite values (as :func:`model_from_bytes`). Returns the upload; raises
+    UploadError with a one-line reason and what to do. Nothing is written to disk."""
+    shown = _one_line(str(filename), 80)
+    if not str(filename).lower().endswith(".pt"):
+        raise UploadError(f"{shown}: only .pt files are accepted; {_SAVE_HINT}")
+    size = len(data)
+    if size > max_bytes:
+        raise UploadError(f"{shown}: {size / 2**20:.1f} MB is over the {max_bytes / 2**20:.0f} MB upload limit "
+                          f"(a ResNet20 state dict is about 1.1 MB); {_SAVE_HINT}")
+    if size == 0:
+        raise UploadError(f"{shown}: the file is empty; {_SAVE_HINT}")
+    import pickle
+
+    import torch
+
+    from .model import resnet20
+
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad magic, not a torch file, or refused by the safe loader
+        if isinstance(e, pickle.UnpicklingError) and re.search(r"unsupported (global|class)", str(e), re.I):
+            raise UploadError(f"{shown}: refused, it holds pickled objects other than tensors (which could run "
+                              f"code); {_SAVE_HINT}") from None
+        raise UploadError(f"{shown}: not a readable PyTorch file (truncated or corrupt?); {_SAVE_HINT}") from None
+    try:
+        state = ckpt.validate_state_dict(state, shown)
+        resnet20().load_state_dict(state)
+    except (ckpt.CheckpointError, RuntimeError) as e:
+        raise UploadError(_one_line(f"{e}; {_SAVE_HINT}")) from None
+    name = upload_name(filename)
+    return UploadedCheckpoint(f"{UPLOAD_PREFIX}{name}", name, shown, bytes(data), hashlib.sha256(data).hexdigest()[:20])
+
+
+def data_error_message(error: Exception) -> str:
+    """The app's message when no dataset is usable: the loader's reason and fix, and how to restart
+    the app with it (the ``--data`` flag of the CLIs is ``EXPLORER_DATA`` for the app)."""
+    return (_one_line(str(error), 600) + " For this app: restart it with "
+            "`EXPLORER_DATA=DIR streamlit run streamlit_app.py`.")
+
+
 # ---------------------------------------------------------------- view state and URL
 
 @dataclass(frozen=True)
@@ -153,6 +248,9 @@ def parse_query(params: Mapping[str, object], checkpoints: list[str]) -> tuple[V
         raw = _last(params["ckpt"]).strip()
         if raw in checkpoints:
             name = raw
+        elif raw.startswith(UPLOAD_PREFIX) and default_ckpt is not None:
+            warns.append(f"checkpoint {raw[:60]!r} was uploaded in another session (uploads are kept only by the "
+                         f"session that uploaded them); upload the file again; showing {default_ckpt!r}")
         elif default_ckpt is not None:
             warns.append(f"checkpoint {raw[:60]!r} is not available here; showing {default_ckpt!r}")
         else:

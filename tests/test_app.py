@@ -9,7 +9,9 @@ expected values); once it is complete they use ``checkpoints/`` directly.
 Cost: the app's Explorer is shared by all tests of this module (``st.cache_resource`` lives for the
 process and is keyed by the weights' content), so the module does five full evaluations in all: the
 app's baseline, the app's ``layer3.2.conv2=8`` and ``layer1.0.conv1=1`` (from ``=0`` in a URL), and
-an independent ``Explorer`` for the expected values (its baseline and ``layer3.2.conv2=8``).
+an independent ``Explorer`` for the expected values (its baseline and ``layer3.2.conv2=8``); plus one
+baseline for the uploaded copy of the weights (uploads get an Explorer of their own). The concurrent-
+sessions test changes only the last block (4 configurations), which reuses the cached activations.
 """
 from __future__ import annotations
 
@@ -397,3 +399,221 @@ def test_model_from_bytes_rejects_bad_files(tmp_path):
         sup.model_from_bytes(b"not a checkpoint", "x.pt")
     with pytest.raises(ckpt.CheckpointError):
         sup.read_weights(tmp_path / "missing.pt")
+
+
+# ---------------------------------------------------------------- reliability: no data, uploads, concurrent sessions
+
+def _random_checkpoint_dir(d: Path) -> Path:
+    from explorer.model import resnet20
+
+    d.mkdir(parents=True, exist_ok=True)
+    ckpt.save_torch(resnet20().state_dict(), d / "random.pt")
+    ckpt.save_json({"architecture": "resnet20", "status": "complete", "test_top1": 0.1,
+                    "dataset": {"name": "CIFAR-10"}}, d / "random.json")
+    return d
+
+
+@pytest.mark.parametrize("how", ["empty-dir", "unset-no-network"])
+def test_missing_data_shows_one_error_with_the_fix(how, monkeypatch, tmp_path):
+    """No dataset: an empty EXPLORER_DATA directory, or none set and the download failing (no network).
+    The page shows one st.error saying how to point the app at the data, and no exception."""
+    monkeypatch.setenv("EXPLORER_CHECKPOINTS", str(_random_checkpoint_dir(tmp_path / "ckpts")))
+    monkeypatch.setenv("EXPLORER_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setenv("EXPLORER_CACHE", str(tmp_path / "cache"))
+    if how == "empty-dir":
+        (tmp_path / "empty").mkdir()
+        monkeypatch.setenv("EXPLORER_DATA", str(tmp_path / "empty"))
+    else:
+        import torchvision
+
+        def offline(*a, **k):
+            raise OSError("[Errno 101] Network is unreachable")
+
+        monkeypatch.delenv("EXPLORER_DATA", raising=False)
+        monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    at = make_app().run()
+    no_exception(at)
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1, errors
+    assert "EXPLORER_DATA=DIR" in errors[0] and "streamlit run streamlit_app.py" in errors[0]
+    assert ("Network is unreachable" if how != "empty-dir" else "neither") in errors[0]
+    assert not at.metric  # nothing half-rendered
+    assert at.selectbox(key="ckpt").value == "random"  # the checkpoint picker still works
+
+
+@pytest.mark.realdata
+def test_upload_checkpoint_is_validated_and_kept_in_this_session(app_env, reference):
+    """Invalid uploads give one st.error and the shipped checkpoint stays in use; a valid one (the shipped
+    weights under another name, so the expected baseline is known) becomes this session's checkpoint,
+    is never written to the checkpoint directory, and another session neither lists nor opens it."""
+    exp, _ = reference
+    before = sorted(p.name for p in app_env.iterdir())
+    weights = (app_env / f"{NAME}.pt").read_bytes()
+    at = make_app({"proj": "pca"}).run()
+    no_exception(at)
+    up = at.file_uploader(key="upload")
+    assert up.allowed_type == [".pt"] and "20 MB" in up.label
+    for data, needle in [(weights[: len(weights) // 2], "not a readable PyTorch file"),
+                         (sup_bytes_with_nan(weights), "NaN")]:
+        at.file_uploader(key="upload").set_value(("teammate.pt", data, "application/octet-stream")).run()
+        no_exception(at)
+        errors = [e.value for e in at.error]
+        assert len(errors) == 1 and needle in errors[0] and "torch.save(model.state_dict()" in errors[0], errors
+        assert at.selectbox(key="ckpt").value == NAME and at.selectbox(key="ckpt").options == [
+            sup.checkpoint_label(i) for i in sup.usable_checkpoints(ckpt.list_checkpoints(app_env))]
+        assert metric(at, "Baseline top-1") == charts.pct(exp.baseline.top1)  # still serving the shipped one
+    at.file_uploader(key="upload").set_value(("teammate.pt", weights, "application/octet-stream")).run()
+    no_exception(at)
+    assert not at.error
+    assert at.selectbox(key="ckpt").value == "upload:teammate"
+    assert any("uploaded in this session" in c.value for c in at.caption)
+    assert metric(at, "Baseline top-1") == charts.pct(exp.baseline.top1)
+    assert at.query_params["ckpt"] == "upload:teammate"
+    at.slider(key="k.layer3.2.conv2").set_value(8).run()
+    no_exception(at)
+    assert metric(at, "Pruned top-1") == charts.pct(exp.run(SLIDER_CONFIG).evaluation.top1)
+    assert sorted(p.name for p in app_env.iterdir()) == before  # nothing written beside the checkpoints
+    # Another session (a teammate opening the copied URL): no upload listed, a warning, the shipped checkpoint.
+    other = make_app({"ckpt": "upload:teammate", "proj": "pca"}).run()
+    no_exception(other)
+    assert all("teammate" not in o for o in other.selectbox(key="ckpt").options)
+    assert any("uploaded in another session" in w for w in url_warnings(other))
+    assert other.selectbox(key="ckpt").value == NAME
+    # Removing the file from the uploader returns this session to the shipped checkpoint.
+    at.file_uploader(key="upload").clear().run()
+    no_exception(at)
+    assert at.selectbox(key="ckpt").value == NAME and "uploaded" not in " ".join(at.selectbox(key="ckpt").options)
+
+
+def sup_bytes_with_nan(weights: bytes) -> bytes:
+    import io
+
+    import torch
+
+    state = torch.load(io.BytesIO(weights), weights_only=True)
+    state["layer3.2.conv2.weight"][0, 0, 0, 0] = float("nan")
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+CONCURRENT = [{"k.layer3.2.conv2": "8"}, {"k.layer3.2.conv2": "16"}, {"k.layer3.2.conv2": "32"},
+              {"k.layer3.2.conv1": "24"}]  # last block only: each reuses the cached input of that block
+
+
+def _explorer_state(exp) -> dict:
+    """Digests of what an Explorer shares between sessions: the base model's weights, the data, the
+    baseline evaluation, and every cached result (its clustered weights and evaluation)."""
+    import hashlib
+
+    def digest(tensors) -> str:
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(np.ascontiguousarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t).tobytes())
+        return h.hexdigest()
+
+    return {
+        "model": digest(exp.model.state_dict().values()),
+        "data": digest([exp.data.test_images, exp.data.test_labels]),
+        "baseline": digest([exp.baseline.confusion]),
+        "results": {k: (id(r), digest(r.model.state_dict().values()), digest([r.evaluation.confusion]))
+                    for k, r in list(exp._cache.data.items())},
+    }
+
+
+def _assert_bounded(exp) -> None:
+    cache = exp.engine.cache
+    held = sum(t.numel() * t.element_size() for t in list(cache._data.values()))
+    assert held == cache.bytes <= cache.max_bytes
+    assert len(exp._cache) <= exp._cache.maxsize
+
+
+@pytest.mark.realdata
+def test_concurrent_sessions_get_their_own_results(app_env, reference, monkeypatch):
+    """Four teammates at once: four AppTest sessions run from threads simultaneously, each with its own
+    URL configuration, against the one shared Explorer of the process. Each shows the results of its
+    own configuration (as an independent Explorer computes them); the shared model, data, baseline and
+    cached results are not mutated; the activation and result caches stay within their bounds.
+
+    AppTest installs a process-global mock Runtime (and a config patch) for the length of each run and
+    removes it at the end; overlapping runs would pull it from under each other, so the test keeps the
+    last mock available and holds the config patch around all the runs (a real server has one Runtime)."""
+    import gc
+    import threading
+
+    from streamlit.runtime import Runtime
+    from streamlit.testing.v1.util import patch_config_options
+
+    from explorer import clustering
+    from explorer.pipeline import Explorer
+
+    ref, _ = reference
+    last = {}
+
+    def instance(cls):
+        if cls._instance is not None:
+            last["rt"] = cls._instance
+            return cls._instance
+        if "rt" not in last:
+            raise RuntimeError("Runtime hasn't been created!")
+        return last["rt"]
+
+    monkeypatch.setattr(Runtime, "instance", classmethod(instance))
+    monkeypatch.setattr(Runtime, "exists", classmethod(lambda cls: cls._instance is not None or "rt" in last))
+
+    warm = make_app({"proj": "pca"}).run()  # loads the process's shared Explorer (and its baseline) once
+    no_exception(warm)
+    assert "rt" in last
+    shared = [e for e in gc.get_objects() if type(e) is Explorer and e is not ref]
+    assert shared
+    before = {id(e): _explorer_state(e) for e in shared}
+
+    barrier = threading.Barrier(len(CONCURRENT))
+    results: dict[int, object] = {}
+    spans: dict[int, tuple[float, float]] = {}
+
+    def session(i: int, params: dict) -> None:
+        try:
+            at = make_app({**params, "proj": "pca"})
+            barrier.wait(timeout=60)
+            t0 = time.monotonic()
+            results[i] = at.run()
+            spans[i] = (t0, time.monotonic())
+        except BaseException as e:  # reported below, with the session it came from
+            results[i] = e
+
+    with patch_config_options({"global.appTest": True}):
+        threads = [threading.Thread(target=session, args=(i, p), name=f"session-{i}") for i, p in enumerate(CONCURRENT)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+    assert not any(t.is_alive() for t in threads)
+    if len(spans) == len(CONCURRENT):
+        assert max(s for s, _ in spans.values()) < min(e for _, e in spans.values())  # the runs overlapped
+
+    expected_params = set()
+    for i, params in enumerate(CONCURRENT):
+        at = results[i]
+        assert not isinstance(at, BaseException), f"session {i} {params}: {at!r}"
+        no_exception(at)
+        layer, k = next(iter(params.items()))
+        want = ref.run(ClusteringConfig(ks={layer[2:]: int(k)}))
+        expected_params.add(want.compression.params)
+        assert at.query_params == {"ckpt": NAME, layer: k, "proj": "pca"}, f"session {i}"
+        assert sliders(at)[layer] == int(k)
+        assert metric(at, "Pruned top-1") == charts.pct(want.evaluation.top1), f"session {i} {params}"
+        assert metric(at, "Unique parameters") == charts.count(want.compression.params), f"session {i} {params}"
+        correct = int(np.trace(want.evaluation.confusion))
+        assert any(c.value.startswith(f"{correct:,} of 10,000 test images correct") for c in at.caption), i
+    assert len(expected_params) == len(CONCURRENT)  # four genuinely different configurations
+
+    for e in shared:
+        after = _explorer_state(e)
+        was = before[id(e)]
+        assert after["model"] == was["model"] and after["data"] == was["data"] and after["baseline"] == was["baseline"]
+        for key, entry in was["results"].items():  # results cached before the sessions are unchanged
+            assert after["results"].get(key, entry) == entry
+        _assert_bounded(e)
+    _assert_bounded(ref)
+    assert len(clustering._CACHE) <= clustering._CACHE.maxsize
