@@ -12,6 +12,8 @@ configuration's results are cached by :class:`explorer.pipeline.Explorer`. Slide
 the ``explore`` fragment (controls + results); a layer/projection change re-runs only its fragment.
 Uploads: a ``.pt`` uploaded in the sidebar is validated (``sup.check_upload``) and kept in that
 session's state only; it is never written to disk and never offered to other sessions.
+Analysis: ``?page=analysis`` (the switch under the title) shows the analysis results of the selected
+checkpoint instead (``explorer/ui/analysis_page.py``; it reads result files only).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from explorer.clustering import (GRANULARITIES, MAX_RECALIBRATION_IMAGES, METRIC
 from explorer.data import DataNotFoundError, load_cifar10, resolve_root
 from explorer.model import CONV_LAYERS, conv_layer
 from explorer.pipeline import Explorer
-from explorer.ui import charts
+from explorer.ui import analysis_page, charts
 
 st.set_page_config(page_title="ResNet20 filter clustering explorer", page_icon=":material/scatter_plot:",
                    layout="wide", initial_sidebar_state="expanded")
@@ -463,8 +465,11 @@ def main() -> None:
     names = list(labels)
 
     st.title("ResNet20 filter clustering explorer")
+    page, query, page_warns = analysis_page.split_query(query_dict())  # ?page=analysis: the Analysis page
+    analysis_page.page_switch(page)
     first_run = not ss.get("_initialised")
-    view, warns = sup.parse_query(query_dict(), names)
+    view, warns = sup.parse_query(query, names)
+    warns += page_warns
     if first_run:
         put_view(view, only_missing=False)
         ss["_initialised"] = True
@@ -499,6 +504,9 @@ def main() -> None:
         st.info("Train one with `python -m explorer.train` (see the README), or enable training from the app below.")
         with st.sidebar:
             training_form(ckpt_dir)
+        return
+    if page == "analysis":  # reads result files only: no model, no dataset
+        analysis_page.render(ckpt_dir, by_name.get(ss["ckpt"]), view)
         return
 
     data_root = resolve_root()

@@ -34,7 +34,7 @@ def sensitivity_heatmap(df: pd.DataFrame, title: str = "Sensitivity: points lost
     top = clip if clip is not None else max(1.0, float(d["drop_pts"].max()) if len(d) else 1.0)
     base = alt.Chart(d).encode(
         x=alt.X("k:O", title="k (clusters in the layer)"),
-        y=alt.Y("layer:N", sort=LAYER_ORDER, title=None),
+        y=alt.Y("layer:N", sort=LAYER_ORDER, title=None, axis=alt.Axis(labelOverlap=False)),
     )
     rect = base.mark_rect().encode(
         color=alt.Color("drop_pts:Q", title="pp lost", scale=alt.Scale(scheme="orangered", domain=[0, top],
@@ -51,8 +51,9 @@ def sensitivity_heatmap(df: pd.DataFrame, title: str = "Sensitivity: points lost
     return (rect + text).properties(width=320, height=380, title=_title(title, subtitle))
 
 
-def sensitivity_lines(df: pd.DataFrame, title: str = "Sensitivity per layer") -> alt.Chart:
-    """Top-1 points lost vs k (log2 axis), one line per layer, one panel per stage."""
+def sensitivity_lines(df: pd.DataFrame, title: str = "Sensitivity per layer", columns: int = 4) -> alt.Chart:
+    """Top-1 points lost vs k (log2 axis), one line per layer, one panel per stage (``columns``
+    panels per row)."""
     d = df[["layer", "stage", "k", "drop_pts"]].copy()
     d["stage"] = d["stage"].map(lambda s: "stem" if s == 0 else f"stage {s}")
     return alt.Chart(d).mark_line(point=True).encode(
@@ -61,7 +62,7 @@ def sensitivity_lines(df: pd.DataFrame, title: str = "Sensitivity per layer") ->
         y=alt.Y("drop_pts:Q", title="pp lost"),
         color=alt.Color("layer:N", sort=LAYER_ORDER, legend=alt.Legend(columns=2, symbolLimit=19)),
         tooltip=["layer:N", "k:Q", alt.Tooltip("drop_pts:Q", format=".2f")],
-    ).properties(width=180, height=160).facet(facet=alt.Facet("stage:N", title=None), columns=4).properties(
+    ).properties(width=180, height=160).facet(facet=alt.Facet("stage:N", title=None), columns=columns).properties(
         title=_title(title))
 
 
@@ -126,7 +127,7 @@ def per_class_chart(df: pd.DataFrame, value: str = "delta", title: str = "Per-cl
         y = alt.Y("v:Q", title="accuracy", axis=alt.Axis(format="%"), scale=alt.Scale(zero=False))
         tip = alt.Tooltip("v:Q", title="accuracy", format=".1%")
     return alt.Chart(d).mark_bar().encode(
-        x=alt.X("class:N", sort=list(CLASSES), title=None, axis=alt.Axis(labelAngle=-40)),
+        x=alt.X("class:N", sort=list(CLASSES), title=None, axis=alt.Axis(labelAngle=-40, labelOverlap=False)),
         xOffset="variant:N", y=y, color=alt.Color("variant:N", title=None),
         tooltip=["class:N", "variant:N", tip],
     ).properties(width=480, height=220, title=_title(title, subtitle))

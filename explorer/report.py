@@ -281,18 +281,12 @@ def build_report(explorer, out: Path, sensitivity_path: Path | None, search_path
     # 4. search: Pareto and best configurations
     d.heading("Best per-layer k under an accuracy budget")
     sdoc = load_search(search_path) if search_path is not None and search_path.is_file() else None
-    ft_metas = _finetuned(finetune_dir, h["checkpoint"])
+    ft_metas = finetuned_for(finetune_dir, h["checkpoint"])
     if sdoc is None:
         d.para("No search results yet: run `python -m explorer.search --budget 0.5 1 2` (see its --help).")
     else:
         table = pareto_table(sdoc)
-        extra = pd.DataFrame([{"source": "fine-tuned", "top1": m["after"]["top1"],
-                               "drop_pts": 100 * (base_top1 - m["after"]["top1"]),
-                               "macs": m["compression"]["macs"], "params": m["compression"]["params"],
-                               "mac_reduction": m["compression"]["mac_reduction"],
-                               "compression_ratio": m["compression"]["compression_ratio"],
-                               "config": json.dumps(m["clustering"]["ks"]), "pareto_macs": False,
-                               "pareto_params": False} for m in ft_metas if m.get("status") == "complete"])
+        extra = finetuned_points(ft_metas, base_top1)
         full = pd.concat([table, extra], ignore_index=True) if len(extra) else table
         d.chart("pareto", charts.pareto_chart(full, base_top1))
         rows = []
@@ -416,12 +410,27 @@ def _opts(cfg: ClusteringConfig) -> str:
     return ", ".join(parts)
 
 
-def _finetuned(directory: Path | None, base: str) -> list[dict]:
+def finetuned_for(directory: Path | None, base: str) -> list[dict]:
+    """Fine-tuning results (:func:`explorer.finetune.list_finetuned`, finished or not) in
+    ``directory`` whose base checkpoint is named ``base``."""
     if directory is None:
         return []
     from .finetune import list_finetuned
 
     return [m for m in list_finetuned(directory) if m["finetune"].get("base_checkpoint") == base]
+
+
+def finetuned_points(metas: list[dict], baseline_top1: float) -> pd.DataFrame:
+    """The finished fine-tuning results among ``metas`` as extra rows (source "fine-tuned") for
+    :func:`explorer.analysis_charts.pareto_chart`, in the columns of
+    :func:`explorer.search.pareto_table`. Empty when none is finished."""
+    return pd.DataFrame([{"source": "fine-tuned", "top1": m["after"]["top1"],
+                          "drop_pts": 100 * (baseline_top1 - m["after"]["top1"]),
+                          "macs": m["compression"]["macs"], "params": m["compression"]["params"],
+                          "mac_reduction": m["compression"]["mac_reduction"],
+                          "compression_ratio": m["compression"]["compression_ratio"],
+                          "config": json.dumps(m["clustering"]["ks"]), "pareto_macs": False,
+                          "pareto_params": False} for m in metas if m.get("status") == "complete"])
 
 
 # ---------------------------------------------------------------- CLI

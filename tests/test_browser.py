@@ -1,6 +1,8 @@
 """The explorer in a real browser: ``streamlit run streamlit_app.py`` headless on a free local port,
 driven by Debian's Chromium through Playwright. Loads the page, moves a slider with the keyboard,
-checks that the accuracy shown changes (and the URL with it), and saves ``docs/screenshot.png``.
+checks that the accuracy shown changes (and the URL with it), and saves ``docs/screenshot.png``;
+opens the Analysis page (``?page=analysis``, the result files in the checkpoint directory), checks
+that its charts draw, and saves ``docs/analysis.png``.
 
 Needs ``/usr/bin/chromium`` (``apt-get install chromium``): skipped when it is missing, except under
 ``CI`` where that is a failure. Uses the real test split and the checkpoint in ``checkpoints/`` (a
@@ -26,6 +28,9 @@ pytestmark = [pytest.mark.browser, pytest.mark.realdata]
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = REPO / "docs" / "screenshot.png"
+ANALYSIS_SCREENSHOT = REPO / "docs" / "analysis.png"
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-dev-shm-usage"]
 WAIT_MS = int(float(os.environ.get("EXPLORER_BROWSER_TIMEOUT", 900)) * 1000)  # busy 2-core machines are slow
 SLIDER = "layer3.2.conv2"
 
@@ -92,9 +97,7 @@ def test_slider_changes_accuracy_in_chromium(server, chromium):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                          "--disable-component-update", "--disable-dev-shm-usage"])
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=BROWSER_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.goto(f"{server}/?proj=pca&layer={SLIDER}", wait_until="domcontentloaded")
@@ -122,5 +125,35 @@ def test_slider_changes_accuracy_in_chromium(server, chromium):
             page.wait_for_timeout(500)
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT))
+        finally:
+            browser.close()
+
+
+def test_analysis_page_in_chromium(server, chromium):
+    """The Analysis page with the result files beside the checkpoint: every section renders (charts or
+    the st.info naming the command that is missing), no exception; a full-height screenshot."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(f"{server}/?page=analysis", wait_until="domcontentloaded")
+            for heading in ("Layer sensitivity", "Accuracy vs MACs", "Fine-tuning"):
+                expect(page.get_by_role("heading", name=heading).first).to_be_visible(timeout=120_000)
+            charts = page.locator('[data-testid="stVegaLiteChart"]')
+            expect(charts.first).to_be_visible(timeout=60_000)
+            page.wait_for_function(  # every chart drawn (vega-embed puts a canvas or an svg in each)
+                """() => { const c = document.querySelectorAll('[data-testid="stVegaLiteChart"]');
+                           return c.length > 0 && [...c].every(e => e.querySelector('canvas, svg')); }""",
+                timeout=60_000)
+            assert page.locator('[data-testid="stException"]').count() == 0
+            # Everything in one picture: grow the window to the page's content height.
+            height = page.evaluate("""() => Math.max(...[...document.querySelectorAll('*')]
+                                        .map(e => e.scrollHeight || 0))""")
+            page.set_viewport_size({"width": 1600, "height": min(6000, max(1000, int(height) + 40))})
+            page.wait_for_timeout(3000)  # charts re-layout to the new size
+            ANALYSIS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ANALYSIS_SCREENSHOT))
         finally:
             browser.close()

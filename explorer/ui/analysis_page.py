@@ -1,0 +1,451 @@
+"""The app's Analysis page: the results of the analysis CLIs for the selected checkpoint.
+
+Reached with ``?page=analysis`` in the URL (the page switch under the title sets it), so an
+analysis view can be shared like any explorer view; the explorer's own parameters (``ckpt``,
+``k.<layer>``...) stay in the URL meanwhile, so switching back restores the explorer as it was.
+``streamlit_app.py`` calls :func:`split_query`, :func:`page_switch` and :func:`render`; this module
+only reads files, it never loads a model or the dataset.
+
+Shown, from the files beside the checkpoint (each missing one gives an ``st.info`` with the command
+that writes it, an unreadable one an ``st.warning``; never an exception):
+
+- ``<name>.sensitivity.json`` (:mod:`explorer.sensitivity`): the layer x k heatmap of top-1 points
+  lost and the per-stage line charts, for the metric picked (euclidean / cosine, where measured),
+  and euclidean vs cosine on the points measured with both;
+- ``<name>.search.json`` (:mod:`explorer.search`): accuracy vs MACs (or parameters) of every
+  verified configuration, with the uniform-k ones and finished fine-tuning results, and for each
+  budget searched the best configuration (:func:`explorer.search.best_record`) with a button that
+  applies it to the explorer's sliders and options (:func:`apply_configuration`) and opens the
+  explorer on it;
+- ``*_ft.json`` fine-tuning results of this checkpoint (:func:`explorer.report.finetuned_for`):
+  recovery curves, compression, and per-class accuracy before / after fine-tuning.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from .. import analysis_charts as acharts
+from .. import app_support as sup
+from .. import checkpoints as ckpt
+from ..analysis_io import default_checkpoint
+from ..clustering import ClusteringConfig
+from ..data import CLASSES
+from ..model import CONV_LAYERS
+from ..report import finetuned_for, finetuned_points
+from ..search import SUFFIX as SEARCH_SUFFIX, best_record, load_search, pareto_table
+from ..sensitivity import SUFFIX as SENS_SUFFIX, k_grid, load_sensitivity
+from . import charts
+
+PAGE_PARAM = "page"
+PAGES = {"explorer": "Explorer", "analysis": "Analysis"}
+NAV_KEY = "nav.page"
+SEARCH_COMMAND_ARGS = "--budget 0.5 1 2"
+HEATMAP_CLIP_PTS = 20.0
+# File errors shown as a warning instead of an exception (bad JSON, missing fields, odd values).
+READ_ERRORS = (ckpt.CheckpointError, KeyError, TypeError, ValueError, AttributeError)
+
+
+# ---------------------------------------------------------------- which page, switching
+
+def split_query(query: dict[str, list[str]]) -> tuple[str, dict[str, list[str]], list[str]]:
+    """The page named by the URL's ``page`` parameter ("explorer" unless it says "analysis"), the
+    other parameters (the explorer's view), and a warning for an unknown page name."""
+    rest = {k: v for k, v in query.items() if k != PAGE_PARAM}
+    raw = query.get(PAGE_PARAM)
+    if not raw:
+        return "explorer", rest, []
+    value = str(raw[-1] if isinstance(raw, (list, tuple)) else raw).strip().lower()
+    if value in PAGES:
+        return value, rest, []
+    return "explorer", rest, [f"page={value[:30]!r} is not a page of this app ({', '.join(PAGES)}); "
+                              f"showing the explorer"]
+
+
+def _on_switch() -> None:
+    if st.session_state.get(NAV_KEY) == PAGES["analysis"]:
+        st.query_params[PAGE_PARAM] = "analysis"
+    elif PAGE_PARAM in st.query_params:
+        del st.query_params[PAGE_PARAM]
+
+
+def page_switch(page: str) -> None:
+    """The Explorer / Analysis switch; it reflects the URL and changes only its ``page`` parameter."""
+    st.session_state[NAV_KEY] = PAGES[page]
+    st.segmented_control("Page", list(PAGES.values()), key=NAV_KEY, required=True, on_change=_on_switch,
+                         label_visibility="collapsed")
+
+
+EXPLORER_STATE_PREFIXES = ("k.", "opt.")
+EXPLORER_STATE_KEYS = ("layer", "proj", "uniform_k")
+
+
+def keep_explorer_state() -> None:
+    """Re-assign the explorer's widget values (``k.<layer>``, ``opt.<option>``, layer, projection,
+    uniform k) as plain session state. Its widgets are not drawn on this page, and Streamlit drops
+    the state of widgets missing from a run, which would bring the explorer back on stale values."""
+    ss = st.session_state
+    for key in list(ss.keys()):
+        if key.startswith(EXPLORER_STATE_PREFIXES) or key in EXPLORER_STATE_KEYS:
+            ss[key] = ss[key]
+
+
+def apply_configuration(name: str, config: ClusteringConfig, layer: str, proj: str, what: str) -> None:
+    """Button callback: set the explorer's widgets (the session-state keys ``streamlit_app.py`` gives
+    them: ``ckpt``, ``opt.<option>``, ``k.<layer>``) and its URL to ``config`` on checkpoint ``name``,
+    without ``page`` so the rerun shows the explorer. The URL alone would do when the widgets' state
+    was dropped while this page was shown; the session state covers the case where it was kept."""
+    ss = st.session_state
+    ss["ckpt"] = name
+    for opt in sup.CONFIG_KEYS:
+        ss[f"opt.{opt}"] = getattr(config, opt)
+    active = config.active
+    for l in CONV_LAYERS:
+        ss[f"k.{l.name}"] = int(active.get(l.name, l.filters))
+    st.query_params.from_dict(sup.view_query(sup.ViewState(name, config, layer, proj)))
+    st.toast(f"Applied {what}: {len(active)} layers clustered", icon=":material/tune:")
+
+
+# ---------------------------------------------------------------- helpers
+
+def command(module: str, args: str, checkpoint: Path | None, out_dir: Path | None = None) -> str:
+    """The shell command that writes a result file for ``checkpoint`` (``--checkpoint`` only when it
+    is not the CLIs' default; ``--out`` for explorer.finetune when results go elsewhere)."""
+    parts = [f"python -m explorer.{module}"] + ([args] if args else [])
+    if checkpoint is not None and Path(checkpoint).resolve() != Path(default_checkpoint()).resolve():
+        parts.append(f"--checkpoint {shlex.quote(_shown(checkpoint))}")
+    if out_dir is not None and Path(out_dir).resolve() != ckpt.DEFAULT_DIR.resolve():
+        parts.append(f"--out {shlex.quote(_shown(out_dir))}")
+    return " ".join(parts)
+
+
+def _shown(path: Path) -> str:
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(sup.REPO_ROOT))
+    except ValueError:
+        return str(p)
+
+
+def options_label(cfg: ClusteringConfig) -> str:
+    parts = [cfg.metric]
+    if cfg.fold_bn:
+        parts.append("BN folded")
+    if cfg.recalibrate_bn:
+        parts.append(f"BN re-estimated ({cfg.recalibrate_bn:,} images)")
+    return ", ".join(parts)
+
+
+def _variant_label(metric: str, granularity: str, fold_bn: bool, recal: int) -> str:
+    parts = [granularity]
+    if fold_bn:
+        parts.append("BN folded")
+    if recal:
+        parts.append(f"BN re-estimated ({int(recal):,})")
+    return ", ".join(parts)
+
+
+def _ks_text(ks: dict) -> str:
+    return ", ".join(f"{n}={k}" for n, k in ks.items()) if ks else "nothing clustered"
+
+
+def _choose(label: str, options: list, key: str, **kw):
+    """A segmented control that keeps a valid choice when the options change (files grow)."""
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = options[0]
+    return st.segmented_control(label, options, key=key, required=True, **kw)
+
+
+# ---------------------------------------------------------------- sections
+
+def sensitivity_section(path: Path, checkpoint: Path | None) -> None:
+    st.subheader("Layer sensitivity")
+    cmd = command("sensitivity", "", checkpoint)
+    if not path.is_file():
+        st.info(f"No sensitivity sweep for this checkpoint yet (`{path.name}`). It is written by\n\n"
+                f"`{cmd}`\n\n(add `--metric both` for cosine too; about an hour on 2 CPU cores per metric).",
+                icon=":material/info:")
+        return
+    try:
+        df = load_sensitivity(path)
+        if not df.empty:
+            df = df.assign(recalibrate_bn=df["recalibrate_bn"].astype(int), fold_bn=df["fold_bn"].astype(bool))
+    except READ_ERRORS as e:
+        st.warning(f"`{path.name}` could not be read: {e}", icon=":material/warning:")
+        return
+    if df.empty:
+        st.info(f"`{path.name}` has no points yet; `{cmd}` adds them.", icon=":material/info:")
+        return
+    metrics = sorted(df["metric"].unique(), key=lambda m: (m != "euclidean", m))
+    c1, c2 = st.columns([1, 2], vertical_alignment="bottom")
+    with c1:
+        metric = _choose("Metric", metrics, "analysis.metric",
+                         help="k-means metric of the sweep; only metrics with measured points are offered")
+    sub = df[df["metric"] == metric]
+    variants = sorted({(r.granularity, bool(r.fold_bn), int(r.recalibrate_bn)) for r in sub.itertuples()})
+    if len(variants) > 1:
+        labels = [_variant_label(metric, *v) for v in variants]
+        with c2:
+            chosen = st.selectbox("Clustering options", labels, key="analysis.sens_variant")
+        variant = variants[labels.index(chosen)]
+    else:
+        variant = variants[0]
+    gran, fold, recal = variant
+    g = sub[(sub["granularity"] == gran) & (sub["fold_bn"] == fold) & (sub["recalibrate_bn"] == recal)]
+    expected = sum(len(k_grid(l.filters)) for l in CONV_LAYERS)
+    head = ckpt.read_json(path).get("header", {})
+    n_test = head.get("test_images")
+    note = f"{len(g)} of {expected} points ({metric}, {_variant_label(metric, *variant)})"
+    if len(g) < expected:
+        note += " - the sweep is partial or still running; reload the page for new points"
+    left, right = st.columns([2, 3])
+    with left:
+        st.altair_chart(acharts.sensitivity_heatmap(
+            g, subtitle=f"{metric}, {_variant_label(metric, *variant)}; colour capped at {HEATMAP_CLIP_PTS:g} pp",
+            clip=HEATMAP_CLIP_PTS), width="stretch", height=520)  # Streamlit fits labels + legend in the width
+    with right:
+        st.altair_chart(acharts.sensitivity_lines(g, title=f"Points lost vs k ({metric})", columns=2),
+                        width="content")
+    measured = f" Measured on {n_test:,} test images." if isinstance(n_test, int) else ""
+    st.caption(f"Each cell: top-1 points lost when only that layer is clustered to k, all others untouched "
+               f"(k = the layer's filter count is the unclustered reference). {note}.{measured}")
+    both = df[(df["granularity"] == gran) & (df["fold_bn"] == fold) & (df["recalibrate_bn"] == recal)]
+    if set(both["metric"]) >= {"euclidean", "cosine"}:
+        pairs = both.groupby(["layer", "k"])["metric"].nunique()
+        common = pairs[pairs == 2].index
+        both = both.set_index(["layer", "k"]).loc[common].reset_index()
+        both = both[both["metric"].isin(["euclidean", "cosine"])]
+        with st.expander(f"Euclidean vs cosine on the {len(common)} (layer, k) points measured with both"):
+            if len(common):
+                piv = both[both["k"] < both["filters"]].pivot_table(index="k", columns="metric", values="drop_pts",
+                                                                    aggfunc="mean")
+                st.dataframe(piv.rename(columns=lambda m: f"{m}: mean pp lost").reset_index(), hide_index=True,
+                             column_config={c: st.column_config.NumberColumn(format="%.2f") for c in
+                                            [f"{m}: mean pp lost" for m in piv.columns]})
+                st.altair_chart(acharts.metric_sensitivity_chart(both), width="content")
+    elif metrics == ["euclidean"]:
+        st.caption(f"Cosine points: `{command('sensitivity', '--metric cosine', checkpoint)}`")
+
+
+def best_configurations(doc: dict) -> list[dict]:
+    """One entry per budget searched (sorted by objective, budget): budget, objective, run key and
+    the best verified record for it (:func:`explorer.search.best_record` with the run's options;
+    None when infeasible)."""
+    out = []
+    runs = sorted(doc.get("runs", {}).items(), key=lambda kv: (kv[1]["objective"], float(kv[1]["budget"])))
+    for key, run in runs:
+        opts = ClusteringConfig.from_dict(json.loads(run["options"])) if run.get("options") else None
+        rec = best_record(doc, float(run["budget"]), run["objective"], opts)
+        out.append({"key": key, "budget": float(run["budget"]), "objective": run["objective"], "record": rec})
+    return out
+
+
+def search_section(path: Path, name: str, checkpoint: Path | None, ft_metas: list[dict], view: sup.ViewState) -> None:
+    st.subheader("Accuracy vs MACs: per-layer k under a budget, and the same k everywhere")
+    cmd = command("search", SEARCH_COMMAND_ARGS, checkpoint)
+    if not path.is_file():
+        st.info(f"No search results for this checkpoint yet (`{path.name}`). They are written by\n\n`{cmd}`\n\n"
+                f"(greedy per-layer k for top-1 budgets of 0.5, 1 and 2 points, every step verified on the test "
+                f"split; it first completes the euclidean sensitivity sweep it needs).", icon=":material/info:")
+        return
+    try:
+        doc = load_search(path)
+        table = pareto_table(doc)
+        base_top1 = float(doc["header"]["baseline_top1"])
+        bests = best_configurations(doc)
+        extra = finetuned_points([m for m in ft_metas if m.get("after") and m.get("compression")], base_top1)
+    except READ_ERRORS as e:
+        st.warning(f"`{path.name}` could not be read: {e}", icon=":material/warning:")
+        return
+    if table.empty:
+        st.info(f"`{path.name}` has no verified configuration yet; `{cmd}` adds them.", icon=":material/info:")
+        return
+    full = pd.concat([table, extra], ignore_index=True) if len(extra) else table
+    left, right = st.columns([3, 2])
+    with left:
+        x = _choose("x axis", ["macs", "params"], "analysis.pareto_x",
+                    format_func=lambda v: {"macs": "MACs per image", "params": "unique parameters"}[v])
+        st.altair_chart(acharts.pareto_chart(full, base_top1, x,
+                                             title=f"Accuracy vs {'MACs' if x == 'macs' else 'parameters'} of the "
+                                                   f"compressed net"), width="stretch")
+        n_uni = int((table["source"] == "uniform").sum())
+        st.caption(f"{len(table)} verified configurations ({n_uni} uniform k, the rest from the greedy search)"
+                   + (f", {len(extra)} fine-tuned" if len(extra) else "") + f"; dashed step: the Pareto front; grey "
+                   f"rule: the unclustered checkpoint ({charts.pct(base_top1)}). Hover a point for its ks.")
+    with right:
+        st.markdown("**Best configuration per budget**")
+        if not bests:
+            st.caption("No budget searched yet.")
+        for b in bests:
+            rec = b["record"]
+            label = f"{b['budget']:g} pts" + (f" ({b['objective']})" if b["objective"] != "macs" else "")
+            with st.container(border=True):
+                if rec is None:
+                    st.markdown(f"**Budget {label}**: infeasible (the options alone lose more).")
+                    continue
+                cfg = ClusteringConfig.from_dict(rec["config"])
+                st.markdown(f"**Budget {label}** · top-1 {charts.pct(rec['top1'])} "
+                            f"({-rec['drop_pts']:+.2f} pp) · {100 * rec['mac_reduction']:.1f}% fewer MACs · "
+                            f"{charts.count(rec['params'])} parameters ({rec['compression_ratio']:.2f}×)")
+                st.caption(f"{options_label(cfg)}; {len(cfg.active)} layers: {_ks_text(cfg.active)}")
+                a, d = st.columns([3, 1], vertical_alignment="center")
+                a.button(f"Apply best configuration for budget {label}", key=f"analysis.apply.{b['key']}",
+                         type="primary", width="stretch", on_click=apply_configuration,
+                         args=(name, cfg, view.layer, view.proj, f"the best configuration for budget {label}"),
+                         help="Sets the explorer's sliders and options to this configuration and opens it")
+                d.download_button("JSON", sup.config_json(cfg), f"{name}_budget{b['budget']:g}.config.json",
+                                  "application/json", key=f"analysis.json.{b['key']}", on_click="ignore",
+                                  width="stretch", help="For `python -m explorer.finetune --config FILE` "
+                                                        "or `python -m explorer.prune --config FILE`")
+    uni = [doc["evaluations"][k] for k in doc.get("uniform", []) if k in doc.get("evaluations", {})]
+    if uni:
+        with st.expander("Uniform k (the same k in every layer)"):
+            st.dataframe(pd.DataFrame([{
+                "k": max(u["config"]["ks"].values()) if u["config"]["ks"] else None,
+                "top-1 %": 100 * u["top1"], "pp lost": u["drop_pts"], "MACs saved %": 100 * u["mac_reduction"],
+                "parameters": u["params"]} for u in uni]), hide_index=True, width="stretch",
+                column_config={"top-1 %": st.column_config.NumberColumn(format="%.2f"),
+                               "pp lost": st.column_config.NumberColumn(format="%.2f"),
+                               "MACs saved %": st.column_config.NumberColumn(format="%.1f"),
+                               "parameters": st.column_config.NumberColumn(format="localized")})
+
+
+def _latest(m: dict) -> tuple[float | None, int | None]:
+    """Fine-tuned top-1 (final, or the latest evaluated epoch while training) and its epoch."""
+    if m.get("after"):
+        return float(m["after"]["top1"]), m.get("epochs_done")
+    rec = m.get("recovery") or []
+    return (float(rec[-1]["test_top1"]), rec[-1]["epoch"]) if rec else (None, None)
+
+
+def _short(run: str, base: str) -> str:
+    """A fine-tuned checkpoint's name without its base's prefix, for chart legends."""
+    return run[len(base) + 1:] if run.startswith(base + "_") and len(run) > len(base) + 1 else run
+
+
+def finetune_section(metas: list[dict], ckpt_dir: Path, checkpoint: Path | None, base: str) -> None:
+    st.subheader("Fine-tuning")
+    if not metas:
+        cfg_cmd = command("search", "--budget 1 --write-config cfg.json", checkpoint)
+        st.info("No fine-tuned checkpoint of this one yet. Write a configuration (from a budget above with its "
+                f"**JSON** button, from the explorer's Downloads tab, or with `{cfg_cmd}`), then run\n\n"
+                f"`{command('finetune', '--config cfg.json', checkpoint, ckpt_dir)}`\n\n"
+                "(clustered weights stay tied to their centroids while training; results appear here as "
+                "`<name>_ft.json`).", icon=":material/info:")
+        return
+    try:
+        curves = pd.DataFrame([{"run": _short(m["name"], base), "epoch": p["epoch"], "test_top1": p["test_top1"]}
+                               for m in metas for p in m.get("recovery") or []])
+        base_top1 = next((float(m["baseline"]["top1"]) for m in metas if m.get("baseline")), None)
+        rows = []
+        for m in metas:
+            hp = m["finetune"].get("hyperparameters", {})
+            top1, epoch = _latest(m)
+            comp = m.get("compression") or {}
+            cfg = ClusteringConfig.from_dict(m["clustering"])
+            setting = f"lr {hp.get('lr', '?')}" + (f", KD {hp['distill']:g}" if hp.get("distill") else "")
+            rows.append({
+                "run": m["name"], "status": m.get("status", "?"),
+                "epochs": f"{m.get('epochs_done', 0)}/{m.get('epochs', hp.get('epochs', '?'))}",
+                "clustered top-1 %": 100 * float(m["before"]["top1"]),
+                "fine-tuned top-1 %": None if top1 is None else 100 * top1,
+                "Δ vs baseline pp": None if top1 is None or base_top1 is None else 100 * (top1 - base_top1),
+                "MACs saved %": 100 * comp["mac_reduction"] if comp else None,
+                "parameters": comp.get("params"),
+                "compression": f"{comp['compression_ratio']:.2f}×" if comp else "when finished",
+                "settings": setting, "options": options_label(cfg), "layers clustered": len(cfg.active),
+            })
+    except READ_ERRORS as e:
+        st.warning(f"A fine-tuning result could not be read: {e}", icon=":material/warning:")
+        return
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
+        "clustered top-1 %": st.column_config.NumberColumn(format="%.2f", help="before fine-tuning"),
+        "fine-tuned top-1 %": st.column_config.NumberColumn(format="%.2f",
+                                                            help="final, or the latest evaluated epoch while training"),
+        "Δ vs baseline pp": st.column_config.NumberColumn(format="%+.2f"),
+        "MACs saved %": st.column_config.NumberColumn(format="%.1f"),
+        "parameters": st.column_config.NumberColumn(format="localized")})
+    st.caption("MACs and parameters: the structurally compressed net, written when a run finishes. "
+               "Per-class accuracy and recovery below.")
+    cols = st.columns(2)
+    with cols[0]:
+        if len(curves):
+            st.altair_chart(acharts.recovery_chart(curves, base_top1), width="stretch", height=330)
+            st.caption(f"Runs named without the `{base}_` prefix. Epoch 0: clustered, before fine-tuning. Grey "
+                       f"dashed rule: the unclustered checkpoint"
+                       + (f" ({charts.pct(base_top1)})." if base_top1 is not None else "."))
+    per_class_block(metas, cols[1])
+
+
+def per_class_block(metas: list[dict], chart_col) -> None:
+    """Per-class accuracy of one fine-tuned run (picked): change vs baseline (chart, in ``chart_col``)
+    and below, full width, the table: baseline, clustered, fine-tuned and the change, per class."""
+    names = [m["name"] for m in metas if m.get("baseline") and m.get("before")]
+    if not names:
+        return
+    default = next((m["name"] for m in metas if m.get("after")), names[0])
+    if st.session_state.get("analysis.ft_run") not in names:
+        st.session_state["analysis.ft_run"] = default
+    with chart_col:
+        run = st.selectbox("Per-class accuracy of", names, key="analysis.ft_run")
+    m = next(m for m in metas if m["name"] == run)
+    try:
+        base, before = m["baseline"]["per_class"], m["before"]["per_class"]
+        after = (m.get("after") or {}).get("per_class")
+        rows = {"baseline %": {c: 100 * base[c] for c in CLASSES},
+                "clustered %": {c: 100 * before[c] for c in CLASSES}}
+        if after is not None:
+            rows["fine-tuned %"] = {c: 100 * after[c] for c in CLASSES}
+            rows["fine-tuned - baseline pp"] = {c: 100 * (after[c] - base[c]) for c in CLASSES}
+        table = pd.DataFrame([{"": label, **vals} for label, vals in rows.items()])
+        deltas = pd.DataFrame([{"class": c, "variant": v, "delta": vals[c] - base[c]}
+                               for v, vals in (("clustered", before), ("fine-tuned", after)) if vals is not None
+                               for c in CLASSES])
+    except READ_ERRORS as e:
+        with chart_col:
+            st.warning(f"{run}: per-class accuracy could not be read: {e}", icon=":material/warning:")
+        return
+    with chart_col:
+        st.altair_chart(acharts.per_class_chart(deltas, title="Per-class change vs baseline"),
+                        width="stretch", height=260)
+    st.dataframe(table, hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%.1f") for c in CLASSES})
+    st.caption(f"Per-class test accuracy of {run}: the base checkpoint, clustered (before fine-tuning) and "
+               f"fine-tuned; the last row in percentage points." if after is not None else
+               f"{run} is still training: its fine-tuned per-class accuracy appears when it finishes.")
+
+
+# ---------------------------------------------------------------- the page
+
+def render(ckpt_dir: Path, info: ckpt.CheckpointInfo | None, view: sup.ViewState) -> None:
+    """The Analysis page for checkpoint ``info`` (None: an uploaded checkpoint, which has no result
+    files). ``view`` is the explorer's view from the URL (kept when a configuration is applied)."""
+    keep_explorer_state()
+    if info is None:
+        st.info("The analysis results are computed by command-line tools for checkpoint files in "
+                f"`{_shown(ckpt_dir)}`; an uploaded checkpoint has none. Pick a checkpoint from that directory, or "
+                "save yours there and run `python -m explorer.sensitivity --checkpoint FILE.pt`.",
+                icon=":material/info:")
+        return
+    name = info.name
+    if st.query_params.get("ckpt") != name:  # the picker changed it here: keep the shared URL in step
+        st.query_params["ckpt"] = name
+    sens_path = ckpt_dir / f"{name}{SENS_SUFFIX}"
+    search_path = ckpt_dir / f"{name}{SEARCH_SUFFIX}"
+    st.caption(f"Results for **{name}**, read from `{_shown(ckpt_dir)}` (`{sens_path.name}`, `{search_path.name}` "
+               f"and fine-tuned checkpoints `*_ft.json` of it); reload the page to pick up new results. "
+               f"Accuracy changes are percentage points (pp); MACs per 32×32 image of the compressed net.")
+    try:
+        ft_metas = finetuned_for(ckpt_dir, name)
+    except READ_ERRORS as e:
+        st.warning(f"Fine-tuning results could not be listed: {e}", icon=":material/warning:")
+        ft_metas = []
+    sensitivity_section(sens_path, info.path)
+    st.divider()
+    search_section(search_path, name, info.path, ft_metas, view)
+    st.divider()
+    finetune_section(ft_metas, ckpt_dir, info.path, name)
