@@ -10,7 +10,6 @@ real CIFAR-10 copy or a trained checkpoint.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

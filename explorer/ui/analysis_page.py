@@ -291,7 +291,8 @@ def search_section(path: Path, name: str, checkpoint: Path | None, ft_metas: lis
                 st.markdown(f"**Budget {label}** · top-1 {charts.pct(rec['top1'])} "
                             f"({-rec['drop_pts']:+.2f} pp) · {100 * rec['mac_reduction']:.1f}% fewer MACs · "
                             f"{charts.count(rec['params'])} parameters ({rec['compression_ratio']:.2f}×)")
-                st.caption(f"{options_label(cfg)}; {len(cfg.active)} layers: {_ks_text(cfg.active)}")
+                n = len(cfg.active)
+                st.caption(f"{options_label(cfg)}; {n} layer{'s' if n != 1 else ''}: {_ks_text(cfg.active)}")
                 a, d = st.columns([3, 1], vertical_alignment="center")
                 a.button(f"Apply best configuration for budget {label}", key=f"analysis.apply.{b['key']}",
                          type="primary", width="stretch", on_click=apply_configuration,
