@@ -342,6 +342,9 @@ class FinetuneConfig:
     name: str = ""
     out: str = str(ckpt.DEFAULT_DIR)
     compile: bool = False
+    device: str = "auto"
+    distill: float = 0.0
+    temperature: float = 4.0
 
     def validate(self) -> None:
         """Raise ValueError naming the flag when a value is out of range."""
@@ -356,6 +359,9 @@ class FinetuneConfig:
             (self.precision in ("fp32", "bf16"), "--precision must be fp32 or bf16"),
             (self.rebase_images >= 1, "--rebase-images must be >= 1"),
             (self.eval_every >= 1, "--eval-every must be >= 1"),
+            (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+            (0 <= self.distill <= 1, "--distill must be in [0, 1]"),
+            (self.temperature > 0, "--temperature must be > 0"),
             (bool(self.name) and "/" not in self.name and not self.name.startswith("."),
              "--name must be a plain file name"),
         ]
@@ -364,7 +370,21 @@ class FinetuneConfig:
                 raise ValueError(msg)
 
 
-_NOT_PINNED = {"out", "name", "eval_every", "compile"}
+_NOT_PINNED = {"out", "name", "eval_every", "compile", "device"}
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda given but CUDA is not available; use --device cpu")
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _on_cpu(tied: nn.Module) -> nn.Module:
+    """The tied model itself on CPU, else a CPU copy (materialising and the engine run on CPU)."""
+    return tied if next(tied.parameters()).device.type == "cpu" else copy.deepcopy(tied).cpu()
 
 
 def _per_class(ev) -> dict:
@@ -414,6 +434,8 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
     model0, clustering0, small0, tied, merged = prepare(base, config, data, ft.rebase_images)
     before = engine.evaluate(small0)
     specs0 = [asdict(s) for s in small0.specs]
+    device = _device(ft.device)
+    tied.to(device)
 
     params = [p for p in tied.parameters()]
     optimizer = torch.optim.SGD(params, lr=ft.lr, momentum=ft.momentum, nesterov=True, weight_decay=ft.weight_decay)
@@ -455,11 +477,15 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
         "labels": {n: [int(x) for x in r.labels] for n, r in clustering0.layers.items()},
         "baseline": {"top1": baseline.top1, "per_class": _per_class(baseline)},
         "before": {"top1": before.top1, "per_class": _per_class(before)},
-        "torch": torch.__version__,
+        "torch": torch.__version__, "device": device.type,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     train_fwd = torch.compile(tied) if ft.compile else tied
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if ft.precision == "bf16" else contextlib.nullcontext()
+    # Knowledge distillation (Hinton et al. 2015) from the unclustered base net: the usual way to
+    # recover a pruned net's accuracy, since its soft targets carry the base net's class similarities.
+    teacher = copy.deepcopy(base).to(device).to(memory_format=torch.channels_last).eval() if ft.distill > 0 else None
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if ft.precision == "bf16"
+                else contextlib.nullcontext())
     tconvs = list(tied_layers(tied).values())
     runs = 0
     for epoch in range(start_epoch, ft.epochs):
@@ -469,16 +495,23 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
         images = augment(data.train_images[perm], g, cutout=ft.cutout).view(steps, ft.batch_size, 3, 32, 32)
         labels = data.train_labels[perm].view(steps, ft.batch_size)
         tied.train()
-        loss_sum, correct = 0.0, 0
+        # Summed on the device: a .item() per step would wait for the accelerator every step.
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
         bar = tqdm(range(steps), desc=f"finetune {epoch + 1}/{ft.epochs}", unit="step", disable=quiet, leave=False,
                    mininterval=2.0)
         last_status = time.time()
         for i in bar:
-            x = normalize(images[i]).contiguous(memory_format=torch.channels_last)
-            y = labels[i]
+            x = normalize(images[i]).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = labels[i].to(device, non_blocking=True)
             with autocast:
                 logits = train_fwd(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=ft.label_smoothing)
+                if teacher is not None:
+                    with torch.no_grad():
+                        soft = F.softmax(teacher(x).float() / ft.temperature, dim=1)
+                    kd = F.kl_div(F.log_softmax(logits.float() / ft.temperature, dim=1), soft, reduction="batchmean")
+                    loss = (1 - ft.distill) * loss + ft.distill * ft.temperature ** 2 * kd
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for t in tconvs:
@@ -487,24 +520,26 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
             scheduler.step()
             for t in tconvs:
                 t.project()
-            loss_sum += loss.item()
-            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.detach()
+            correct += (logits.argmax(1) == y).sum()
             if time.time() - last_status > 10:
                 last_status = time.time()
                 ckpt.write_status(files["status"], state="running", epoch=round(epoch + (i + 1) / steps, 3),
                                   epochs=ft.epochs, pid=os.getpid())
         seconds = time.time() - t0
         wall += seconds
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / steps, "train_top1": correct / (steps * ft.batch_size),
+        record = {"epoch": epoch + 1, "train_loss": float(loss_sum) / steps,
+                  "train_top1": int(correct) / (steps * ft.batch_size),
                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2)}
-        plain = materialize(tied)
+        cpu_tied = _on_cpu(tied)
+        plain = materialize(cpu_tied)
         if (epoch + 1) % ft.eval_every == 0 or epoch + 1 == ft.epochs:
-            record["test_top1"] = engine.evaluate(compress(plain, tied_clustering(tied, config, clustering0))).top1
+            record["test_top1"] = engine.evaluate(compress(plain, tied_clustering(cpu_tied, config, clustering0))).top1
         log.append(record)
         if not quiet:
             tqdm.write(json.dumps(record))
         ckpt.save_torch({k: v.contiguous() for k, v in plain.state_dict().items()}, files["weights"])
-        ckpt.save_torch({"model": tied.state_dict(), "optimizer": optimizer.state_dict(),
+        ckpt.save_torch({"model": cpu_tied.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "log": log, "wall_seconds": wall,
                          "finetune": pinned, "clustering": config.to_dict(), "base_weights_sha1": base_digest,
                          "dataset": data.identity.to_dict()}, files["train"])
@@ -517,7 +552,7 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
         if stop_after is not None and runs >= stop_after and epoch + 1 < ft.epochs:
             return meta
 
-    return _finish(tied, config, clustering0, specs0, base, data, files, ft, meta, before, baseline, log, latency,
+    return _finish(_on_cpu(tied), config, clustering0, specs0, base, data, files, ft, meta, before, baseline, log, latency,
                    quiet, engine)
 
 
@@ -614,6 +649,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=d.out, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from <out>/<name>.train.pt if present")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--distill", type=float, default=d.distill, metavar="ALPHA",
+                   help="weight of knowledge distillation from the base net (0 = off; Hinton et al. 2015)")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="distillation temperature")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
+                   help="where to train (evaluation always runs on CPU in fp32)")
     p.add_argument("--latency", action="store_true", help="time the compressed net at batch 1 and 256 at the end")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
