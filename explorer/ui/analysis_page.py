@@ -167,7 +167,7 @@ def sensitivity_section(path: Path, checkpoint: Path | None) -> None:
     cmd = command("sensitivity", "", checkpoint)
     if not path.is_file():
         st.info(f"No sensitivity sweep for this checkpoint yet (`{path.name}`). It is written by\n\n"
-                f"`{cmd}`\n\n(add `--metric both` for cosine too; about an hour on 2 CPU cores per metric).",
+                f"`{cmd}`\n\n(add `--metric both` for the cosine metric too).",
                 icon=":material/info:")
         return
     try:
