@@ -148,11 +148,13 @@ def test_analysis_page_in_chromium(server, chromium):
                            return c.length > 0 && [...c].every(e => e.querySelector('canvas, svg')); }""",
                 timeout=60_000)
             assert page.locator('[data-testid="stException"]').count() == 0
-            # Everything in one picture: grow the window to the page's content height.
-            height = page.evaluate("""() => Math.max(...[...document.querySelectorAll('*')]
-                                        .map(e => e.scrollHeight || 0))""")
-            page.set_viewport_size({"width": 1600, "height": min(6000, max(1000, int(height) + 40))})
-            page.wait_for_timeout(3000)  # charts re-layout to the new size
+            # Everything in one picture: grow the window to the page's content height (twice: charts and
+            # tables re-layout to the new size, which can change the height again).
+            for _ in range(2):
+                height = page.evaluate("""() => Math.max(...[...document.querySelectorAll('*')]
+                                            .map(e => e.scrollHeight || 0))""")
+                page.set_viewport_size({"width": 1600, "height": min(6000, max(1000, int(height) + 80))})
+                page.wait_for_timeout(3000)
             ANALYSIS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ANALYSIS_SCREENSHOT))
         finally:
