@@ -15,6 +15,7 @@ import resource
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -39,14 +40,22 @@ def _pct(xs, q):
     return float(np.percentile(xs, q))
 
 
-def run(checkpoint: str, data_root: str | None, changes: int, seed: int, naive_repeats: int) -> dict:
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(checkpoint: str, data_root: str | None, changes: int, seed: int, naive_repeats: int,
+        sessions: int = 3, data=None, umap: bool = True) -> dict:
+    """Run every measurement of the module doc; returns the JSON-ready result dict.
+    ``data``: an already loaded dataset (tests pass a small synthetic one)."""
     from .pipeline import Explorer
 
     t0 = time.perf_counter()
-    data = load_cifar10(data_root)
+    data = data if data is not None else load_cifar10(data_root)
     t_data = time.perf_counter() - t0
+    _log("data loaded; building the explorer (baseline evaluation)")
     t0 = time.perf_counter()
-    explorer = Explorer.from_checkpoint(checkpoint, data=data)
+    explorer = Explorer(ckpt.load_model(checkpoint), data, "bench")
     t_explorer = time.perf_counter() - t0
     base = explorer.model
     x, y = data.test_images, data.test_labels
@@ -76,6 +85,7 @@ def run(checkpoint: str, data_root: str | None, changes: int, seed: int, naive_r
         scen[label] = {"fast_s": fast_s, "naive_s": naive_s, "speedup": naive_s / fast_s,
                        "top1_fast": res.evaluation.top1, "top1_naive": naive_top1}
     results["scenarios"] = scen
+    _log(f"scenarios done; {changes} random single-layer changes")
 
     rng = random.Random(seed)
     cfg = ClusteringConfig()
@@ -90,6 +100,8 @@ def run(checkpoint: str, data_root: str | None, changes: int, seed: int, naive_r
         t = time.perf_counter()
         explorer.run(cfg)
         fast.append(time.perf_counter() - t)
+    rechecked = explorer.engine.stats["rechecked"]
+    _log("random sequence done; naive passes")
     naive_times = [naive(cfg)[0] for _ in range(naive_repeats)]
     nmed = statistics.median(naive_times)
     results["random_sequence"] = {
@@ -97,7 +109,28 @@ def run(checkpoint: str, data_root: str | None, changes: int, seed: int, naive_r
         "preview_median_s": statistics.median(previews), "preview_p90_s": _pct(previews, 90),
         "naive_median_s": nmed, "speedup_median": nmed / statistics.median(fast),
         "speedup_p90": nmed / _pct(fast, 90),
+        "fast_s": [round(t, 3) for t in fast],
     }
+    results["engine_path"] = "mixed (bf16 + fp32 re-check)" if explorer.engine.mixed else "fp32"
+    results["rechecked_per_run"] = rechecked / max(1, 2 * changes)
+
+    # Teammates: ``sessions`` threads each moving sliders at once on the one shared Explorer (as
+    # the app's sessions do); peak memory below covers this phase.
+    _log(f"{sessions} concurrent sessions")
+
+    def session(i: int) -> float:
+        r = random.Random(seed + 100 + i)
+        c, t = ClusteringConfig(), time.perf_counter()
+        for _ in range(3):
+            layer = r.choice(CONV_LAYERS)
+            c = c.with_k(layer.name, r.randint(1, layer.filters - 1))
+            explorer.preview(c)
+            explorer.run(c)
+        return (time.perf_counter() - t) / 3
+
+    with ThreadPoolExecutor(sessions) as pool:
+        per_change = list(pool.map(session, range(sessions)))
+    results["sessions"] = {"sessions": sessions, "changes_each": 3, "mean_s_per_change": statistics.mean(per_change)}
     modules = dict(base.named_modules())
     for layer in CONV_LAYERS:
         c = ClusteringConfig(seed=seed + 1)  # a seed the app has not cached
@@ -105,7 +138,10 @@ def run(checkpoint: str, data_root: str | None, changes: int, seed: int, naive_r
         cluster_layer(layer.name, modules[layer.name].weight, modules[layer.bn], max(1, layer.filters // 2), c)
         kmeans_s.append(time.perf_counter() - t)
     results["kmeans_per_layer_p50_s"] = statistics.median(kmeans_s)
+    _log("k-means per layer, UMAP")
     try:
+        if not umap:
+            raise ImportError
         from .projection import project_layer
 
         w = modules["layer3.2.conv2"].weight
@@ -139,7 +175,11 @@ def format_table(r: dict) -> str:
                f"{r['cold_start']['data_s']:.1f} s + model/baseline {r['cold_start']['explorer_s']:.1f} s")
     if r.get("umap"):
         out.append(f"UMAP first call {r['umap']['first_call_s']:.1f} s, repeated {r['umap']['repeated_call_s']:.2f} s")
-    out.append(f"peak RSS {r['peak_rss_mb']:.0f} MB, torch threads {r['threads']}")
+    out.append(f"{r['sessions']['sessions']} concurrent sessions: {r['sessions']['mean_s_per_change']:.2f} s per change "
+               f"(preview + full) each")
+    out.append(f"engine path: {r['engine_path']}, {r['rechecked_per_run']:.0f} images re-checked in fp32 per "
+               f"evaluation on average")
+    out.append(f"peak RSS {r['peak_rss_mb']:.0f} MB (whole run, sessions included), torch threads {r['threads']}")
     return "\n".join(out)
 
 
@@ -150,11 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="local CIFAR-10 directory (default $EXPLORER_DATA)")
     p.add_argument("--changes", type=int, default=30, help="random single-layer changes to time")
     p.add_argument("--naive-repeats", type=int, default=3, help="naive full evaluations to time")
+    p.add_argument("--sessions", type=int, default=3, help="concurrent sessions in the memory phase")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON only")
     args = p.parse_args(argv)
     try:
-        r = run(args.checkpoint, args.data, args.changes, args.seed, args.naive_repeats)
+        r = run(args.checkpoint, args.data, args.changes, args.seed, args.naive_repeats, args.sessions)
     except Exception as e:  # a benchmark should say what failed in one line
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,27 @@
+"""The benchmark runs end to end and its fast path agrees with the naive one (timings not asserted)."""
+from __future__ import annotations
+
+import torch
+
+from explorer import bench
+from explorer.checkpoints import save_torch
+from explorer.data import synthetic_cifar10
+from explorer.model import resnet20
+
+
+def test_bench_runs_and_fast_path_agrees_with_naive(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "random.pt"
+    save_torch(resnet20().state_dict(), path)
+    data = synthetic_cifar10(200, 300, seed=3)
+    r = bench.run(str(path), None, changes=4, seed=0, naive_repeats=1, sessions=2, data=data, umap=False)
+    for name in ("last_layer", "first_layer"):
+        s = r["scenarios"][name]
+        assert s["top1_fast"] == s["top1_naive"]  # same configuration, same answer
+        assert s["fast_s"] > 0 and s["speedup"] > 0
+    seq = r["random_sequence"]
+    assert seq["changes"] == 4 and len(seq["fast_s"]) == 4 and seq["fast_p90_s"] >= seq["fast_median_s"] > 0
+    assert r["sessions"]["sessions"] == 2 and r["peak_rss_mb"] > 100
+    assert r["umap"] is None
+    table = bench.format_table(r)
+    assert "4 random changes, median" in table and "concurrent sessions" in table
