@@ -371,3 +371,22 @@ def test_analysis_files_are_not_listed_as_checkpoints(checkpoint, tmp_path):
     ckpt.save_json({"header": {}, "points": {}}, d / "m.sensitivity.json")
     ckpt.save_json({"header": {}, "evaluations": {}}, d / "m.search.json")
     assert [i.name for i in ckpt.list_checkpoints(d)] == ["m"]
+
+
+def test_finetune_with_distillation_stays_clustered_and_pins_its_weight(checkpoint, model, data, tmp_path):
+    from explorer.finetune import FinetuneConfig, distinct_filters, finetune
+
+    with pytest.raises(ValueError, match="--distill"):
+        FinetuneConfig(distill=1.5, name="x").validate()
+    cfg = ClusteringConfig(ks={"layer1.0.conv1": 4, "layer3.2.conv1": 16}, fold_bn=True)
+    ft = FinetuneConfig(epochs=2, batch_size=32, name="kd_ft", out=str(tmp_path), rebase_images=64,
+                        precision="fp32", distill=0.7, device="cpu")
+    meta = finetune(checkpoint, cfg, ft, data, quiet=True, stop_after=1)
+    assert meta["finetune"]["hyperparameters"]["distill"] == 0.7 and meta["device"] == "cpu"
+    with pytest.raises(ValueError, match="distill"):  # a resume must not change the loss
+        finetune(checkpoint, cfg, FinetuneConfig(**{**ft.__dict__, "distill": 0.0}), data, resume=True, quiet=True)
+    meta = finetune(checkpoint, cfg, ft, data, resume=True, quiet=True)
+    tuned = ckpt.load_model(tmp_path / "kd_ft.pt")
+    assert meta["status"] == "complete"
+    for name, k in cfg.ks.items():
+        assert distinct_filters(tuned.get_submodule(name).weight.detach()) == k
