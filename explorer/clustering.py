@@ -395,6 +395,7 @@ def apply(model: nn.Module, clustering: Clustering, calibration_images: torch.Te
     cfg = clustering.config
     new = copy.deepcopy(model).eval()
     modules = dict(new.named_modules())
+    folded = []
     with torch.no_grad():
         for name, res in clustering.layers.items():
             modules[name].weight.copy_(res.weight)
@@ -404,26 +405,35 @@ def apply(model: nn.Module, clustering: Clustering, calibration_images: torch.Te
                 bn.bias.copy_(res.bias)
                 bn.running_mean.zero_()
                 bn.running_var.fill_(1.0 - bn.eps)  # so that sqrt(var + eps) is exactly 1
+                folded.append(bn)
     if cfg.recalibrate_bn > 0:
         if calibration_images is None:
             raise ClusteringError("recalibrate_bn needs training images (calibration_images)")
-        recalibrate_bn(new, calibration_images[: cfg.recalibrate_bn])
+        # A folded BatchNorm is an exact affine (identity + the clustered bias), not a
+        # normalisation: re-estimating its statistics would divide out the folded scale.
+        recalibrate_bn(new, calibration_images[: cfg.recalibrate_bn], skip=folded)
     return new
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> nn.Module:
-    """Re-estimate every BatchNorm's running mean/variance in place from uint8 images (N, 3, 32, 32)
-    by a forward pass in train mode with cumulative averaging (momentum None); no gradient step,
-    no other parameter changes. Returns ``model`` in eval mode."""
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 500,
+                   skip: list[nn.Module] = ()) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean/variance (except those in ``skip``, which stay in
+    eval mode) in place from uint8 images (N, 3, 32, 32) by a forward pass in train mode with
+    cumulative averaging (momentum None); no gradient step, no other parameter changes. Returns
+    ``model`` in eval mode. Method: BN re-estimation after weight changes, as in Li et al. 2017
+    ("Revisiting batch normalization for practical domain adaptation", AdaBN)."""
     from .data import normalize
 
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    skip_ids = {id(m) for m in skip}
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in skip_ids]
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
     model.train()
+    for m in skip:
+        m.eval()
     try:
         for i in range(0, len(images), batch_size):
             model(normalize(images[i : i + batch_size]).contiguous(memory_format=torch.channels_last))

@@ -22,8 +22,8 @@ structural savings, so here the clusters are tied by construction:
   fine-tuned checkpoint again with the same configuration (what the app does) finds exactly the
   same clusters. Every other BatchNorm is trained normally (batch statistics in training, running
   statistics updated as usual).
-- With ``fold_bn`` and no BN re-estimation in the configuration, the clustered layers' BatchNorms
-  are identities after :func:`explorer.clustering.apply`; they are first re-based on 2,000 training
+- With ``fold_bn``, the clustered layers' BatchNorms are identities (+ the clustered bias) after
+  :func:`explorer.clustering.apply` (BN re-estimation leaves them alone); they are first re-based on 2,000 training
   images (running statistics set to the measured ones, gamma/beta adjusted so that the eval-mode
   function is unchanged) so that training-mode normalisation starts from the same function.
 
@@ -403,7 +403,7 @@ def prepare(base: nn.Module, config: ClusteringConfig, data, rebase_images: int 
     small = compress(model, clustering)
     merged = merged_layers(small)
     tied = tie(model, clustering, tied_bn_layers(clustering, small), must_tie=merged)
-    if config.fold_bn and config.recalibrate_bn == 0:
+    if config.fold_bn:  # the clustered layers' BatchNorms are identities (+ bias) after apply()
         bns = []
         for name, t in tied_layers(tied).items():
             bns.append(t.bn if t.bn is not None else tied.get_submodule(conv_layer(name).bn))

@@ -422,6 +422,27 @@ def test_apply_recalibrates_on_the_first_n_images(model):
     assert len(torch.unique(w.flatten(1), dim=0)) == 3
 
 
+def test_recalibration_keeps_folded_batchnorms_exact(model):
+    """With fold_bn the clustered layers' BatchNorms are an exact affine (identity + clustered bias);
+    BN re-estimation must not turn them back into normalisations (that divided out the folded
+    scale: a fine-tuned net fell from 87.8% to 38.8%), while the other BatchNorms are re-estimated."""
+    images = synthetic_cifar10(64, 10, seed=6).train_images
+    cfg = ClusteringConfig(ks={"conv1": 3, "layer2.1.conv1": 8}, fold_bn=True, recalibrate_bn=32)
+    clustering = cluster_model(model, cfg)
+    out = apply(model, clustering, images)
+    for name in cfg.ks:
+        bn = out.get_submodule(conv_layer(name).bn)
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight))
+        assert torch.equal(bn.bias, clustering.layers[name].bias)
+        assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+        assert torch.equal(bn.running_var, torch.full_like(bn.running_var, 1.0 - bn.eps))
+    with torch.no_grad():  # an unfolded BN downstream was re-estimated on the first 32 images
+        h = out.bn1(out.conv1(normalize(images[:32]))).relu()
+        z = out.layer1[0].conv1(h).double()
+    torch.testing.assert_close(out.layer1[0].bn1.running_mean.double(), z.mean(dim=(0, 2, 3)), rtol=1e-5,
+                               atol=1e-5)
+
+
 # ---------------------------------------------------------------- serialisation
 
 FULL = ClusteringConfig(ks={"layer3.2.conv2": 16, "conv1": 4, "layer2.0.conv1": 1}, metric="cosine",
