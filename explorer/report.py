@@ -300,7 +300,7 @@ def build_report(explorer, out: Path, sensitivity_path: Path | None, search_path
             cfg = ClusteringConfig.from_dict(best["config"])
             s = run(cfg, (1, 256) if latency else ())
             lat = s.get("latency") or {}
-            row = {"budget (pp)": f"{r['budget']:g}", "objective": r["objective"], "options": _opts(cfg),
+            row = {"budget (pp)": f"{r['budget']:g}", "objective": r["objective"], "options": options_label(cfg),
                    "top-1": pct(s["top1"]), "drop (pp)": drop(s['top1_delta']),
                    "MACs": f"{s['macs'] / 1e6:.2f} M", "MACs saved": f"{100 * s['mac_reduction']:.1f}%",
                    "params": f"{s['params']:,}", "compression": f"{s['compression_ratio']:.2f}x"}
@@ -311,7 +311,7 @@ def build_report(explorer, out: Path, sensitivity_path: Path | None, search_path
             row["evaluations"] = r["evaluations"]
             rows.append(row)
             best_rows.append({"budget": r["budget"], "objective": r["objective"], **s})
-            headline.append({"configuration": f"search, budget {r['budget']:g} pp ({r['objective']}, {_opts(cfg)})",
+            headline.append({"configuration": f"search, budget {r['budget']:g} pp ({r['objective']}, {options_label(cfg)})",
                              "top-1": pct(s["top1"]), "drop (pp)": drop(s['top1_delta']),
                              "MACs saved": f"{100 * s['mac_reduction']:.1f}%", "parameters": f"{s['params']:,}"})
         d.para("Greedy per-layer k (explorer.search: ranked by MACs saved per estimated point lost, every step "
@@ -319,11 +319,11 @@ def build_report(explorer, out: Path, sensitivity_path: Path | None, search_path
                "in parentheses the speed-up over the original ResNet20.")
         d.table(rows)
         for b in best_rows:
-            d.para(f"Budget {b['budget']:g} pp ({b['objective']}, {_opts(ClusteringConfig.from_dict(b['config']))}): "
+            d.para(f"Budget {b['budget']:g} pp ({b['objective']}, {options_label(ClusteringConfig.from_dict(b['config']))}): "
                    f"ks {ks_text(b['config']['ks'])}")
         uni = [sdoc["evaluations"][k] for k in sdoc.get("uniform", []) if k in sdoc["evaluations"]]
         d.para("Uniform k in every layer, same options, for comparison:")
-        d.table([{"k": max(u["config"]["ks"].values()) if u["config"]["ks"] else "-", "options": _opts(
+        d.table([{"k": max(u["config"]["ks"].values()) if u["config"]["ks"] else "-", "options": options_label(
             ClusteringConfig.from_dict(u["config"])), "top-1": pct(u["top1"]), "drop (pp)": drop(-u['drop_pts'] / 100),
                   "MACs saved": f"{100 * u['mac_reduction']:.1f}%", "params": f"{u['params']:,}"} for u in uni])
         numbers["best"] = best_rows
@@ -342,7 +342,7 @@ def build_report(explorer, out: Path, sensitivity_path: Path | None, search_path
             c = m.get("compression") or {}
             after = (m.get("after") or {}).get("top1")
             rows.append({"run": m["name"], "status": m.get("status"), "epochs": m.get("epochs_done"),
-                         "options": _opts(ClusteringConfig.from_dict(m["clustering"])),
+                         "options": options_label(ClusteringConfig.from_dict(m["clustering"])),
                          "before": pct(m["before"]["top1"]), "after": pct(after) if after is not None else "-",
                          "drop after (pp)": drop(after - base_top1) if after is not None else "-",
                          "MACs saved": f"{100 * c['mac_reduction']:.1f}%" if c else "-",
@@ -401,12 +401,14 @@ def build_report(explorer, out: Path, sensitivity_path: Path | None, search_path
     return doc
 
 
-def _opts(cfg: ClusteringConfig) -> str:
+def options_label(cfg: ClusteringConfig, long: bool = False) -> str:
+    """The clustering options of ``cfg`` in words ("euclidean, BN folded, BN re-est. 2000"); ``long``
+    spells the re-estimation out (the app's wording)."""
     parts = [cfg.metric]
     if cfg.fold_bn:
         parts.append("BN folded")
     if cfg.recalibrate_bn:
-        parts.append(f"BN re-est. {cfg.recalibrate_bn}")
+        parts.append(f"BN re-estimated ({cfg.recalibrate_bn:,} images)" if long else f"BN re-est. {cfg.recalibrate_bn}")
     return ", ".join(parts)
 
 

@@ -37,6 +37,7 @@ from ..clustering import ClusteringConfig
 from ..data import CLASSES
 from ..model import CONV_LAYERS
 from ..report import finetuned_for, finetuned_points
+from ..report import options_label as report_options_label
 from ..search import SUFFIX as SEARCH_SUFFIX, best_record, load_search, pareto_table
 from ..sensitivity import SUFFIX as SENS_SUFFIX, k_grid, load_sensitivity
 from . import charts
@@ -132,12 +133,7 @@ def _shown(path: Path) -> str:
 
 
 def options_label(cfg: ClusteringConfig) -> str:
-    parts = [cfg.metric]
-    if cfg.fold_bn:
-        parts.append("BN folded")
-    if cfg.recalibrate_bn:
-        parts.append(f"BN re-estimated ({cfg.recalibrate_bn:,} images)")
-    return ", ".join(parts)
+    return report_options_label(cfg, long=True)
 
 
 def _variant_label(metric: str, granularity: str, fold_bn: bool, recal: int) -> str:
