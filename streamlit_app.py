@@ -432,13 +432,20 @@ def explore(exp: Explorer, name: str) -> None:
     with tabs[2]:
         projection_section(exp, config)
     with head:
+        preview = st.empty()
         try:
+            if config.active and exp.cached(config) is None:
+                # A quick, labelled answer first (2,000 images, bf16), replaced by the full result.
+                ev = exp.preview(config)
+                preview.info(sup.preview_text(exp, ev), icon=":material/hourglass_top:")
             with st.spinner(f"Clustering {len(config.active)} layers and evaluating on the full test split...",
                             show_time=True):
                 result = sup.result_for(exp, config)
         except ClusteringError as e:
+            preview.empty()
             st.error(f"This configuration cannot be applied: {e}")
             return
+        preview.empty()
         headline(result, exp)
     with tabs[0]:
         per_class_section(result)

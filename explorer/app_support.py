@@ -298,6 +298,14 @@ _UNCHANGED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _UNCHANGED_LOCK = threading.Lock()
 
 
+def preview_text(explorer, evaluation) -> str:
+    """The label of a preview result: which images, which precision, that the full result follows."""
+    n = len(explorer.engine.preview_index)
+    how = "bf16, not re-checked" if explorer.engine.mixed else "fp32"
+    return (f"Preview on {n:,} test images ({n // 10:,} per class, {how}): top-1 {100 * evaluation.top1:.2f}%. "
+            f"The full result on all {len(explorer.engine.labels):,} follows.")
+
+
 def result_for(explorer, config: ClusteringConfig):
     """``explorer.run(config)``, except when the configuration changes nothing (no layer clustered and
     no BatchNorm re-estimation): then the result is built from the baseline evaluation the Explorer

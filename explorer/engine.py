@@ -35,7 +35,8 @@ Reuse:
   allocation is bounded too. Outputs are kept as the per-batch tensors the units produced (no
   copy).
 - Optional preview: a fixed stratified subset (200 images per class), answered from the same
-  caches; labelled a preview wherever shown and followed by the full result.
+  caches by the bf16 pass alone (no re-check: it may differ from fp32 on near-ties); labelled a
+  preview wherever shown and followed by the full, re-checked result.
 """
 from __future__ import annotations
 
@@ -304,7 +305,8 @@ class FastEvaluator:
         return torch.cat(out) if out else torch.empty(0, net.fc.out_features)
 
     def predictions(self, net: CompressedResNet20, preview: bool = False) -> torch.Tensor:
-        """Predicted classes (N,) equal to fp32 ones except possibly on near-ties (see module doc).
+        """Predicted classes (N,) equal to fp32 ones except possibly on near-ties (see module doc);
+        with ``preview``, (P,) on the preview subset from the bf16 pass alone (mixed path).
         Runs on the engine's worker thread (sessions queue; see :meth:`_on_worker`)."""
         return self._on_worker(self._predictions, net.eval(), preview)
 
@@ -314,6 +316,10 @@ class FastEvaluator:
         if not self.mixed:
             return self._forward(net, subset, bf16=False).argmax(1)
         logits = self._forward(net, subset, bf16=True)
+        if preview:
+            # The preview is the bf16 pass alone: labelled a preview wherever shown, and followed by
+            # the full, re-checked result; re-checking it too would double its cost.
+            return logits.argmax(1)
         # The bf16 error of this very net, measured on the fixed audit sample (cached like any subset).
         err = float((self._forward(net, "audit", bf16=True) - self._forward(net, "audit", bf16=False)).abs().max())
         rows = self.preview_index if preview else torch.arange(len(self.labels))

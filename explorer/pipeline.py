@@ -87,6 +87,10 @@ class Explorer:
         model, clustering = prune(self.model, config, self.data.train_images)
         return self.engine.evaluate(compress(model, clustering), preview=True)
 
+    def cached(self, config: ClusteringConfig, latency_batches: tuple[int, ...] = ()) -> PruneResult | None:
+        """The result of :meth:`run` for ``config`` if it is in the cache, else None (no work)."""
+        return self._cache.get(config.key() + repr(latency_batches))
+
     def run(self, config: ClusteringConfig, latency_batches: tuple[int, ...] = ()) -> PruneResult:
         """Cluster, apply, evaluate and compress for ``config`` (cached per configuration).
 

@@ -126,6 +126,21 @@ def test_slider_change_shows_what_explorer_computes(app_env, reference):
     assert any(c.value.startswith(f"{correct:,} of 10,000 test images correct") for c in at.caption)
     assert metric(at, "Compression ratio") == f"{expected.compression.compression_ratio:.2f}×"
     assert at.query_params["k.layer3.2.conv2"] == "8"
+    assert not any("Preview on" in i.value for i in at.info)  # the preview gave way to the full result
+
+
+def test_preview_label_says_what_it_is():
+    from types import SimpleNamespace
+
+    import torch
+
+    from explorer.evaluate import evaluation_from_predictions
+
+    engine = SimpleNamespace(preview_index=torch.arange(2000), mixed=True, labels=torch.zeros(10000))
+    ev = evaluation_from_predictions(np.array([0, 1, 1, 1]), np.array([0, 1, 2, 3]))
+    text = sup.preview_text(SimpleNamespace(engine=engine), ev)
+    assert text.startswith("Preview on 2,000 test images (200 per class, bf16, not re-checked): top-1 50.00%")
+    assert text.endswith("all 10,000 follows.")
 
 
 @pytest.mark.realdata

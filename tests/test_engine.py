@@ -59,8 +59,13 @@ def test_fp32_and_mixed_match_eager_and_reuse_upstream(random_model):
         ref = predict_logits(model, images)
         assert (fe.logits(net) - ref).abs().max() < 1e-3
         assert int((fe.predictions(net) != ref.argmax(1)).sum()) == 0
+        # the preview is the bf16 pass alone: it may differ from fp32 only on near-ties
         prev = fe.predictions(net, preview=True)
-        assert torch.equal(prev, ref.argmax(1)[fe.preview_index])
+        sub = ref[fe.preview_index]
+        top2 = sub.topk(2, dim=1).values
+        differ = prev != sub.argmax(1)
+        assert bool(((top2[:, 0] - top2[:, 1])[differ] < 0.5).all())
+        assert torch.equal(fe.predictions(net), ref.argmax(1))  # the full result is re-checked
 
 
 def test_recheck_bound_widens_to_the_audited_bf16_error(random_model):
