@@ -179,7 +179,7 @@ class FastEvaluator:
         self._stats_lock = threading.Lock()
         self._busy = threading.Lock()
         self._worker: ThreadPoolExecutor | None = None
-        self.stats = {"calls": 0, "units_computed": 0, "units_reused": 0, "rechecked": 0, "tau_widenings": 0,
+        self.stats = {"calls": 0, "units_computed": 0, "units_reused": 0, "rechecked": 0, "tau_widenings": 0, "rows_resumed": 0,
                       "max_bf16_error": 0.0, "last_tau": 0.0, "last_rechecked": 0}
 
     def _count(self, **kw):
@@ -285,18 +285,58 @@ class FastEvaluator:
 
     @torch.inference_mode()
     def _fp32_rows(self, net: CompressedResNet20, rows: torch.Tensor) -> torch.Tensor:
-        """fp32 logits (len(rows), 10) of the given (sorted) image rows, from the deepest cached
-        full-set fp32 activation when there is one, else from the input."""
+        """fp32 logits (len(rows), 10) of the given (sorted) image rows: from the deepest cached
+        full-set fp32 activation when there is one; else rows re-checked before under the same
+        upstream units resume from their cached fp32 activations ("fp32:rows:" entries, which this
+        call refreshes for the units it computes) and the others start from the input."""
         us = units(net)
         digests = unit_digests(net)
-        start, src = 0, None
         for u in reversed(CACHED_UNITS):
             hit = self.cache.get("fp32:full:" + digests[u])
             if hit is not None:
-                start, src = u + 1, self._gather(hit, rows)
+                return self._run_rows(net, us, u + 1, self._gather(hit, rows))
+        n = len(rows)
+        start, known, act = 0, torch.zeros(n, dtype=torch.bool), None
+        for u in reversed(CACHED_UNITS):
+            entry = self.cache.get("fp32:rows:" + digests[u])
+            if entry is not None:
+                crows, cact = entry
+                pos = torch.searchsorted(crows, rows).clamp(max=len(crows) - 1)
+                known = crows[pos] == rows
+                start, act = u + 1, cact.index_select(0, pos[known])
                 break
-        if src is None:
-            src = self.inputs.index_select(0, rows).contiguous(memory_format=torch.channels_last)
+        # Store the outputs of the units computed for every row (those after ``start``), deepest
+        # first, within a third of the cache bound.
+        store, budget = [], self.cache.max_bytes // 3
+        for u in sorted((u for u in CACHED_UNITS if u >= start), reverse=True):
+            size = int(np.prod(_unit_shape(u, n))) * 4
+            if size <= budget:
+                store.append(u)
+                budget -= size
+        self.cache.reserve(self.cache.max_bytes // 3 - budget)
+        bufs = {u: torch.empty(_unit_shape(u, n)).contiguous(memory_format=torch.channels_last) for u in store}
+        logits = torch.empty(n, net.fc.out_features)
+        groups = [(torch.nonzero(known).flatten(), start, act)]
+        missing = torch.nonzero(~known).flatten()
+        groups.append((missing, 0, self.inputs.index_select(0, rows[missing]).contiguous(
+            memory_format=torch.channels_last)))
+        for idx, first, src in groups:
+            if len(idx) == 0:
+                continue
+            for i in range(0, len(idx), self.batch_size):
+                sel = idx[i : i + self.batch_size]
+                x = src[i : i + self.batch_size]
+                for u in range(first, len(us)):
+                    x = _run_unit(u, us[u], x)
+                    if u in bufs:
+                        bufs[u][sel] = x
+                logits[sel] = net.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        for u in store:
+            self.cache.put("fp32:rows:" + digests[u], (rows.clone(), bufs[u]))
+        self._count(rows_resumed=int(known.sum()))
+        return logits
+
+    def _run_rows(self, net: CompressedResNet20, us, start: int, src: torch.Tensor) -> torch.Tensor:
         out = []
         for x in self._split(src):
             for u in range(start, len(us)):

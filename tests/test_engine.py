@@ -77,6 +77,19 @@ def test_recheck_bound_widens_to_the_audited_bf16_error(random_model):
     assert torch.equal(pred, predict_logits(random_model, images).argmax(1))
 
 
+def test_rechecked_rows_resume_from_their_cached_fp32_activations(random_model):
+    images = torch.randint(0, 256, (60, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    # A bound so wide that every image is re-checked: the second net (a change in the last block)
+    # must resume all of them from the first net's cached fp32 activations of unit 8.
+    fe = FastEvaluator(images, torch.arange(60) % 10, batch_size=25, audit=10, mixed=True, tau=1e9)
+    for cfg in (ClusteringConfig().with_k("layer2.0.conv1", 8),
+                ClusteringConfig().with_k("layer2.0.conv1", 8).with_k("layer3.2.conv2", 4)):
+        model, cl = prune(random_model, cfg)
+        assert torch.equal(fe.predictions(compress(model, cl)), predict_logits(model, images).argmax(1))
+    assert fe.stats["rows_resumed"] == 60
+    assert fe.cache.bytes <= fe.cache.max_bytes
+
+
 def test_digests_change_only_downstream(random_model):
     a = unit_digests(compress(random_model))
     model, cl = prune(random_model, ClusteringConfig().with_k("layer2.1.conv1", 4))
