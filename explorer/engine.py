@@ -9,7 +9,8 @@ Two paths, both reusing what did not change:
   fixed random audit sample of 200 images (fp32 and bf16, both cached like any activation), the
   re-check bound is set to tau = 4 x the largest error seen (at least 0.05), and every image whose
   bf16 top-2 logit margin is below tau is re-computed in fp32 (from the deepest cached fp32
-  activation, else from the input). If a re-checked image shows a larger error than the audit, the
+  activation, else from the fp32 activations cached for the rows re-checked under the same upstream
+  units, else from the input). If a re-checked image shows a larger error than the audit, the
   bound is widened to 4 x that error and the re-check repeated. An image keeps its bf16 prediction
   only when its margin is at least four times the largest bf16 error observed, so predictions equal
   fp32 ones except, at worst, on near-ties (tests check this on several random configurations of
@@ -306,14 +307,14 @@ class FastEvaluator:
                 start, act = u + 1, cact.index_select(0, pos[known])
                 break
         # Store the outputs of the units computed for every row (those after ``start``), deepest
-        # first, within a third of the cache bound.
-        store, budget = [], self.cache.max_bytes // 3
+        # first, within a sixth of the cache bound (the full-set bf16 outputs matter more).
+        store, budget = [], self.cache.max_bytes // 6
         for u in sorted((u for u in CACHED_UNITS if u >= start), reverse=True):
             size = int(np.prod(_unit_shape(u, n))) * 4
             if size <= budget:
                 store.append(u)
                 budget -= size
-        self.cache.reserve(self.cache.max_bytes // 3 - budget)
+        self.cache.reserve(self.cache.max_bytes // 6 - budget)
         bufs = {u: torch.empty(_unit_shape(u, n)).contiguous(memory_format=torch.channels_last) for u in store}
         logits = torch.empty(n, net.fc.out_features)
         groups = [(torch.nonzero(known).flatten(), start, act)]
