@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from explorer import app_support as sup
 from explorer import checkpoints as ckpt
@@ -131,8 +132,6 @@ def test_slider_change_shows_what_explorer_computes(app_env, reference):
 
 def test_preview_label_says_what_it_is():
     from types import SimpleNamespace
-
-    import torch
 
     from explorer.evaluate import evaluation_from_predictions
 
@@ -538,7 +537,9 @@ def _explorer_state(exp) -> dict:
 
 def _assert_bounded(exp) -> None:
     cache = exp.engine.cache
-    held = sum(t.numel() * t.element_size() for t in list(cache._data.values()))
+    # entries are tensors or tuples of tensors (per-batch chunks; re-checked rows + activations)
+    held = sum(t.numel() * t.element_size() for v in list(cache._data.values())
+               for t in ((v,) if isinstance(v, torch.Tensor) else v))
     assert held == cache.bytes <= cache.max_bytes
     assert len(exp._cache) <= exp._cache.maxsize
 
