@@ -61,7 +61,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--cache-mb", type=int, default=None,
                    help="activation cache of the evaluation engine in MB (default $EXPLORER_ACTIVATION_CACHE_MB "
-                        "or 1536; 3072 also keeps stage-1 outputs, which speeds up sweeps of stage-1 layers)")
+                        "or 1408; 3072 also keeps more stage-1 outputs, which speeds up sweeps of stage-1 layers)")
     p.add_argument("--synthetic", type=int, default=0, help=argparse.SUPPRESS)
 
 

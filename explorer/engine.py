@@ -29,7 +29,8 @@ Reuse:
   all images depends only on units 0..u, so it is cached under that digest (and precision); a slider
   change in a layer of unit c reuses the cached output of unit c-1 and recomputes only units c..9.
 - Cache policy: one LRU shared by all sessions of a process, bounded in bytes
-  (``EXPLORER_ACTIVATION_CACHE_MB``, default 1536 MB). For 10,000 images a unit output is 655 /
+  (``EXPLORER_ACTIVATION_CACHE_MB``, default 1408 MB, where the bf16 outputs of units 2-8, 1,312 MB,
+  fit). For 10,000 images a unit output is 655 /
   328 / 164 MB in fp32 (stages 1 / 2 / 3) and half that in bf16; an output is cached only if it is
   at most a third of the budget, only units 0..8 are kept (unit 9 feeds just the classifier), and
   one evaluation keeps its deepest outputs first until the budget is used, so the transient
@@ -56,7 +57,7 @@ from .compress import CompressedResNet20
 from .data import normalize
 from .evaluate import Evaluation, evaluation_from_predictions
 
-DEFAULT_CACHE_MB = int(os.environ.get("EXPLORER_ACTIVATION_CACHE_MB", "1536"))
+DEFAULT_CACHE_MB = int(os.environ.get("EXPLORER_ACTIVATION_CACHE_MB", "1408"))
 CACHED_UNITS = range(0, 9)
 
 
@@ -307,14 +308,14 @@ class FastEvaluator:
                 start, act = u + 1, cact.index_select(0, pos[known])
                 break
         # Store the outputs of the units computed for every row (those after ``start``), deepest
-        # first, within a sixth of the cache bound (the full-set bf16 outputs matter more).
-        store, budget = [], self.cache.max_bytes // 6
+        # first, within a twelfth of the cache bound (the full-set bf16 outputs matter more).
+        store, budget = [], self.cache.max_bytes // 12
         for u in sorted((u for u in CACHED_UNITS if u >= start), reverse=True):
             size = int(np.prod(_unit_shape(u, n))) * 4
             if size <= budget:
                 store.append(u)
                 budget -= size
-        self.cache.reserve(self.cache.max_bytes // 6 - budget)
+        self.cache.reserve(self.cache.max_bytes // 12 - budget)
         bufs = {u: torch.empty(_unit_shape(u, n)).contiguous(memory_format=torch.channels_last) for u in store}
         logits = torch.empty(n, net.fc.out_features)
         groups = [(torch.nonzero(known).flatten(), start, act)]
