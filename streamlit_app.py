@@ -440,7 +440,7 @@ def explore(exp: Explorer, name: str) -> None:
                 preview.info(sup.preview_text(exp, ev), icon=":material/hourglass_top:")
             with st.spinner(f"Clustering {len(config.active)} layers and evaluating on the full test split...",
                             show_time=True):
-                result = sup.result_for(exp, config)
+                result = exp.run(config)
         except ClusteringError as e:
             preview.empty()
             st.error(f"This configuration cannot be applied: {e}")
@@ -502,7 +502,8 @@ def main() -> None:
                               "memory only, and neither saved on the server nor shown to anyone else.")
         if ss.get("upload_error"):
             st.error(ss["upload_error"], icon=":material/error:")
-        if any(i.training for i in infos) or (sup.last_launch() and sup.last_launch().alive):
+        launch = sup.last_launch()
+        if any(i.training for i in infos) or (launch and launch.alive):
             training_progress(str(ckpt_dir), checkpoint_signature(infos))
         for bad in (i for i in infos if i.error):
             st.error(f"{bad.name}: {bad.error}", icon=":material/error:")

@@ -77,28 +77,16 @@ def load_data(data_root: str | None, test_per_class: int = 0, synthetic: int = 0
     return data
 
 
-ENGINE_PRECISION_ENV = "EXPLORER_ENGINE_PRECISION"
-
-
 def make_explorer(model: torch.nn.Module, data: CIFAR10Tensors, name: str, cache_mb: int | None = None):
     """An :class:`~explorer.pipeline.Explorer` whose engine runs the exact fp32 path.
 
-    The engine's mixed path (bf16 forward, near-ties re-checked in fp32) suits the app, where most
-    slider positions keep the net accurate. Analysis sweeps visit many badly damaged nets, whose
-    small logit margins send a large share of the test images (a third, measured on the shipped
-    checkpoint) through full fp32 re-check passes that reuse no cached activation; the fp32 path
-    reuses the cached upstream activations instead and is exact throughout."""
+    The engine's mixed path (bf16 forward, near-ties re-checked in fp32) suits the app. Analysis
+    sweeps visit many badly damaged nets, whose small logit margins send a large share of the test
+    images through fp32 re-checks; the fp32 path reuses the cached upstream activations instead and
+    is exact throughout."""
     from .pipeline import Explorer
 
-    old = os.environ.get(ENGINE_PRECISION_ENV)
-    os.environ[ENGINE_PRECISION_ENV] = "fp32"
-    try:
-        return Explorer(model, data, name, activation_cache_mb=cache_mb)
-    finally:
-        if old is None:
-            os.environ.pop(ENGINE_PRECISION_ENV, None)
-        else:
-            os.environ[ENGINE_PRECISION_ENV] = old
+    return Explorer(model, data, name, activation_cache_mb=cache_mb, mixed=False)
 
 
 def explorer_from_args(args):

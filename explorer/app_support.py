@@ -7,7 +7,7 @@
 - checkpoint uploads (:func:`check_upload`): size-limited, loaded with ``weights_only=True`` and
   validated like shipped checkpoints, kept in the uploading session's memory only;
 - the message shown when there is no dataset (:func:`data_error_message`);
-- results for a configuration (:func:`result_for`, with an exact shortcut for "nothing clustered");
+- results for a configuration: ``Explorer.run`` (exact shortcut for "nothing clustered" there);
 - download payloads (:func:`config_json`, :func:`compressed_zip`);
 - the optional "train a new checkpoint" launcher (:func:`launch_training`): one detached
   ``python -m explorer.train`` at a time, off unless enabled (:func:`training_enabled`).
@@ -26,14 +26,13 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 from . import checkpoints as ckpt
-from .clustering import Clustering, ClusteringConfig
+from .clustering import ClusteringConfig
 from .model import CONV_LAYER_NAMES
 from .projection import METHODS
 
@@ -294,42 +293,12 @@ def view_query(view: ViewState) -> dict[str, str]:
 
 # ---------------------------------------------------------------- results
 
-_UNCHANGED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_UNCHANGED_LOCK = threading.Lock()
-
-
 def preview_text(explorer, evaluation) -> str:
     """The label of a preview result: which images, which precision, that the full result follows."""
     n = len(explorer.engine.preview_index)
     how = "bf16, not re-checked" if explorer.engine.mixed else "fp32"
     return (f"Preview on {n:,} test images ({n // 10:,} per class, {how}): top-1 {100 * evaluation.top1:.2f}%. "
             f"The full result on all {len(explorer.engine.labels):,} follows.")
-
-
-def result_for(explorer, config: ClusteringConfig):
-    """``explorer.run(config)``, except when the configuration changes nothing (no layer clustered and
-    no BatchNorm re-estimation): then the result is built from the baseline evaluation the Explorer
-    already holds, without another pass over the test split. This is exact: the model is the base
-    model itself, so its evaluation *is* the baseline. Raises ClusteringError like ``run``."""
-    config.validate()
-    if config.active or config.recalibrate_bn > 0:
-        return explorer.run(config)
-    from .compress import compress, report
-    from .evaluate import Comparison
-    from .pipeline import PruneResult
-
-    key = config.key()
-    with _UNCHANGED_LOCK:
-        per = _UNCHANGED.setdefault(explorer, {})
-        if key in per:
-            return per[key]
-    clustering = Clustering(config, {})
-    small = compress(explorer.model, clustering)
-    result = PruneResult(config, clustering, explorer.model, small, explorer.baseline,
-                         Comparison(explorer.baseline, explorer.baseline), report(small, explorer.model))
-    with _UNCHANGED_LOCK:
-        per[key] = result
-    return result
 
 
 def config_json(config: ClusteringConfig) -> bytes:

@@ -19,7 +19,6 @@ MACs = FLOPs / 2); gathers and per-channel affines are not counted (< 0.2% of th
 """
 from __future__ import annotations
 
-
 import os
 import statistics
 import threading

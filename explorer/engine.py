@@ -70,6 +70,10 @@ def _run_unit(i: int, unit: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.relu(unit(x), inplace=True) if i == 0 else unit(x)
 
 
+def _head(net: CompressedResNet20, x: torch.Tensor) -> torch.Tensor:
+    return net.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 def _chunks_nbytes(value) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
@@ -168,7 +172,6 @@ class FastEvaluator:
                  tau: float = 0.05, audit: int = 200, safety: float = 4.0):
         bound_native_memory()
         self.inputs = normalize(images).contiguous(memory_format=torch.channels_last)
-        self._inputs_bf16: torch.Tensor | None = None
         self.labels = labels
         self.batch_size = batch_size
         self.cache = ActivationCache(cache_mb * 2**20)
@@ -179,8 +182,7 @@ class FastEvaluator:
         g = torch.Generator().manual_seed(1)
         self.audit_index = torch.sort(torch.randperm(len(labels), generator=g)[: min(audit, len(labels))]).values
         self._stats_lock = threading.Lock()
-        self._busy = threading.Lock()
-        self._worker: ThreadPoolExecutor | None = None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="explorer-engine")  # thread starts on first use
         self.stats = {"calls": 0, "units_computed": 0, "units_reused": 0, "rechecked": 0, "tau_widenings": 0, "rows_resumed": 0,
                       "max_bf16_error": 0.0, "last_tau": 0.0, "last_rechecked": 0}
 
@@ -196,6 +198,19 @@ class FastEvaluator:
 
     def _rows(self, subset: str) -> torch.Tensor | None:
         return {"full": None, "preview": self.preview_index, "audit": self.audit_index}[subset]
+
+    def _plan(self, first: int, n: int, itemsize: int, cap: int, budget: int) -> list[int]:
+        """Cacheable units from ``first`` on whose outputs for n images (each at most ``cap`` bytes,
+        together at most ``budget``) are to be kept, deepest first (fewest bytes per unit of compute
+        saved); makes room for them in the cache."""
+        chosen, total = [], 0
+        for u in sorted((u for u in CACHED_UNITS if u >= first), reverse=True):
+            size = int(np.prod(_unit_shape(u, n))) * itemsize
+            if size <= cap and total + size <= budget:
+                chosen.append(u)
+                total += size
+        self.cache.reserve(total)
+        return chosen
 
     def _split(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [x[i : i + self.batch_size] for i in range(0, len(x), self.batch_size)]
@@ -238,30 +253,19 @@ class FastEvaluator:
         if batches is None:
             src = self.inputs if rows is None else self.inputs.index_select(0, rows).contiguous(
                 memory_format=torch.channels_last)
-            if bf16 and rows is None:
-                if self._inputs_bf16 is None:
-                    self._inputs_bf16 = self.inputs.to(torch.bfloat16)
-                src = self._inputs_bf16
             batches = self._split(src.to(torch.bfloat16) if bf16 else src)
         n = sum(len(b) for b in batches)
-        # Keep the deepest outputs first (fewest bytes per unit of compute saved) until the budget is
-        # used, and make room for them first: the cache plus the outputs being computed stay within
-        # the bound (evaluations run one at a time, see predictions()).
-        keep, reserved, budget = {}, 0, self.cache.max_bytes
-        for u in sorted((u for u in range(start, len(us)) if u in CACHED_UNITS), reverse=True):
-            size = int(np.prod(_unit_shape(u, n))) * (2 if bf16 else 4)
-            if size <= min(budget, self.cache.max_bytes // 3):
-                keep[u] = []
-                budget -= size
-                reserved += size
-        self.cache.reserve(reserved)
+        # Each output at most a third of the bound; room is made before computing, so the cache
+        # plus the outputs being computed stay within the bound (evaluations run one at a time).
+        bound = self.cache.max_bytes
+        keep = {u: [] for u in self._plan(start, n, 2 if bf16 else 4, bound // 3, bound)}
         out = []
         for x in batches:
             for u in range(start, len(us)):
                 x = _run_unit(u, us[u], x)
                 if u in keep:
                     keep[u].append(x)
-            out.append(net.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)).float())
+            out.append(_head(net, x).float())
         for u, chunks in keep.items():
             self.cache.put(tag + digests[u], tuple(chunks))
         self._count(calls=1, units_computed=len(us) - start, units_reused=start)
@@ -272,9 +276,6 @@ class FastEvaluator:
         time: on 2 cores concurrent passes only interleave (no throughput gained) while each would
         hold its own transient activations, and oneDNN keeps a scratchpad per calling thread
         (measured: 3 session threads took the peak RSS from 3.5 to 4.5 GB)."""
-        with self._busy:
-            if self._worker is None:
-                self._worker = ThreadPoolExecutor(1, thread_name_prefix="explorer-engine")
         return self._worker.submit(fn, *args).result()
 
     def logits(self, net: CompressedResNet20, preview: bool = False) -> torch.Tensor:
@@ -293,13 +294,13 @@ class FastEvaluator:
         call refreshes for the units it computes) and the others start from the input."""
         us = units(net)
         digests = unit_digests(net)
-        for u in reversed(CACHED_UNITS):
-            hit = self.cache.get("fp32:full:" + digests[u])
-            if hit is not None:
-                return self._run_rows(net, us, u + 1, self._gather(hit, rows))
         n = len(rows)
-        start, known, act = 0, torch.zeros(n, dtype=torch.bool), None
+        start, known, act, from_full = 0, torch.zeros(n, dtype=torch.bool), None, False
         for u in reversed(CACHED_UNITS):
+            full = self.cache.get("fp32:full:" + digests[u])
+            if full is not None:
+                start, known, act, from_full = u + 1, torch.ones(n, dtype=torch.bool), self._gather(full, rows), True
+                break
             entry = self.cache.get("fp32:rows:" + digests[u])
             if entry is not None:
                 crows, cact = entry
@@ -307,24 +308,16 @@ class FastEvaluator:
                 known = crows[pos] == rows
                 start, act = u + 1, cact.index_select(0, pos[known])
                 break
-        # Store the outputs of the units computed for every row (those after ``start``), deepest
-        # first, within a twelfth of the cache bound (the full-set bf16 outputs matter more).
-        store, budget = [], self.cache.max_bytes // 12
-        for u in sorted((u for u in CACHED_UNITS if u >= start), reverse=True):
-            size = int(np.prod(_unit_shape(u, n))) * 4
-            if size <= budget:
-                store.append(u)
-                budget -= size
-        self.cache.reserve(self.cache.max_bytes // 12 - budget)
+        # Outputs for all rows exist only for units from ``start`` on; kept within a twelfth of the
+        # bound (the full-set bf16 outputs matter more), none when resuming from a full-set entry.
+        twelfth = self.cache.max_bytes // 12
+        store = [] if from_full else self._plan(start, n, 4, twelfth, twelfth)
         bufs = {u: torch.empty(_unit_shape(u, n)).contiguous(memory_format=torch.channels_last) for u in store}
         logits = torch.empty(n, net.fc.out_features)
-        groups = [(torch.nonzero(known).flatten(), start, act)]
         missing = torch.nonzero(~known).flatten()
-        groups.append((missing, 0, self.inputs.index_select(0, rows[missing]).contiguous(
-            memory_format=torch.channels_last)))
+        groups = [(torch.nonzero(known).flatten(), start, act),
+                  (missing, 0, self.inputs.index_select(0, rows[missing]).contiguous(memory_format=torch.channels_last))]
         for idx, first, src in groups:
-            if len(idx) == 0:
-                continue
             for i in range(0, len(idx), self.batch_size):
                 sel = idx[i : i + self.batch_size]
                 x = src[i : i + self.batch_size]
@@ -332,19 +325,11 @@ class FastEvaluator:
                     x = _run_unit(u, us[u], x)
                     if u in bufs:
                         bufs[u][sel] = x
-                logits[sel] = net.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+                logits[sel] = _head(net, x)
         for u in store:
             self.cache.put("fp32:rows:" + digests[u], (rows.clone(), bufs[u]))
-        self._count(rows_resumed=int(known.sum()))
+        self._count(rows_resumed=0 if from_full else int(known.sum()))
         return logits
-
-    def _run_rows(self, net: CompressedResNet20, us, start: int, src: torch.Tensor) -> torch.Tensor:
-        out = []
-        for x in self._split(src):
-            for u in range(start, len(us)):
-                x = _run_unit(u, us[u], x)
-            out.append(net.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)))
-        return torch.cat(out) if out else torch.empty(0, net.fc.out_features)
 
     def predictions(self, net: CompressedResNet20, preview: bool = False) -> torch.Tensor:
         """Predicted classes (N,) equal to fp32 ones except possibly on near-ties (see module doc);
@@ -364,7 +349,7 @@ class FastEvaluator:
             return logits.argmax(1)
         # The bf16 error of this very net, measured on the fixed audit sample (cached like any subset).
         err = float((self._forward(net, "audit", bf16=True) - self._forward(net, "audit", bf16=False)).abs().max())
-        rows = self.preview_index if preview else torch.arange(len(self.labels))
+        rows = torch.arange(len(self.labels))
         top2 = logits.topk(2, dim=1).values
         margin = top2[:, 0] - top2[:, 1]
         pred = logits.argmax(1)

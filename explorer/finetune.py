@@ -603,16 +603,6 @@ def _finish(tied, config, clustering0, specs0, base, data, files, ft, meta, befo
     return meta
 
 
-def load_finetune(path: str | os.PathLike) -> dict:
-    """Metadata of a fine-tuned checkpoint (``<name>.json`` or its ``.pt``). Raises CheckpointError
-    when it is missing, unreadable or not a fine-tuning result."""
-    p = Path(path)
-    meta = ckpt.read_json(p.with_suffix(".json"))
-    if "finetune" not in meta:
-        raise ckpt.CheckpointError(f"{p.with_suffix('.json').name} is not a fine-tuning result")
-    return meta
-
-
 def list_finetuned(directory: str | os.PathLike = ckpt.DEFAULT_DIR) -> list[dict]:
     """Metadata (with ``name`` added) of every fine-tuning result in ``directory``, by name."""
     out = []

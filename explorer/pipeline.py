@@ -57,14 +57,14 @@ class Explorer:
     """
 
     def __init__(self, model: torch.nn.Module, data: CIFAR10Tensors, name: str = "model", cache_size: int = 32,
-                 activation_cache_mb: int | None = None):
+                 activation_cache_mb: int | None = None, mixed: bool | None = None):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.data = data
         self.name = name
         kw = {} if activation_cache_mb is None else {"cache_mb": activation_cache_mb}
-        self.engine = FastEvaluator(data.test_images, data.test_labels, **kw)
+        self.engine = FastEvaluator(data.test_images, data.test_labels, mixed=mixed, **kw)
         # The baseline goes through the same engine as every pruned net, so "nothing clustered"
         # reproduces it exactly (a plain eager pass may differ on a near-tie or two).
         self.baseline = self.engine.evaluate(compress(self.model))
@@ -100,9 +100,17 @@ class Explorer:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        model, clustering = prune(self.model, config, self.data.train_images)
-        small = compress(model, clustering)
-        ev = self.engine.evaluate(small)
+        config.validate()
+        if not config.active and config.recalibrate_bn == 0:
+            # Nothing changes: the model is the base model, so its evaluation *is* the baseline
+            # (exact, and no pass over the test split).
+            model, clustering = self.model, Clustering(config, {})
+            small = compress(model, clustering)
+            ev = self.baseline
+        else:
+            model, clustering = prune(self.model, config, self.data.train_images)
+            small = compress(model, clustering)
+            ev = self.engine.evaluate(small)
         result = PruneResult(config, clustering, model, small, ev, Comparison(self.baseline, ev),
                              report(small, self.model, latency_batches))
         self._cache.put(key, result)

@@ -201,12 +201,3 @@ def submit_embed(points: np.ndarray, centroids: np.ndarray | None, method: str =
     fut = _pool().submit(embed, points, cents, method, seed)
     _FUTURES.put(key, fut)
     return fut
-
-
-def shutdown_worker() -> None:
-    """Stop the background worker after its current job (it is restarted on demand)."""
-    global _POOL
-    with _POOL_LOCK:
-        pool, _POOL = _POOL, None
-    if pool is not None:
-        pool.shutdown(wait=False, cancel_futures=True)

@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
-import pickle
-from pathlib import Path
 
 import pytest
 import torch

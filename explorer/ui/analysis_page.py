@@ -37,6 +37,7 @@ from ..clustering import ClusteringConfig
 from ..data import CLASSES
 from ..model import CONV_LAYERS
 from ..report import finetuned_for, finetuned_points
+from ..report import ks_text as report_ks_text
 from ..report import options_label as report_options_label
 from ..search import SUFFIX as SEARCH_SUFFIX, best_record, load_search, pareto_table
 from ..sensitivity import SUFFIX as SENS_SUFFIX, k_grid, load_sensitivity
@@ -132,21 +133,13 @@ def _shown(path: Path) -> str:
         return str(p)
 
 
-def options_label(cfg: ClusteringConfig) -> str:
-    return report_options_label(cfg, long=True)
-
-
-def _variant_label(metric: str, granularity: str, fold_bn: bool, recal: int) -> str:
+def _variant_label(granularity: str, fold_bn: bool, recal: int) -> str:
     parts = [granularity]
     if fold_bn:
         parts.append("BN folded")
     if recal:
         parts.append(f"BN re-estimated ({int(recal):,})")
     return ", ".join(parts)
-
-
-def _ks_text(ks: dict) -> str:
-    return ", ".join(f"{n}={k}" for n, k in ks.items()) if ks else "nothing clustered"
 
 
 def _choose(label: str, options: list, key: str, **kw):
@@ -184,7 +177,7 @@ def sensitivity_section(path: Path, checkpoint: Path | None) -> None:
     sub = df[df["metric"] == metric]
     variants = sorted({(r.granularity, bool(r.fold_bn), int(r.recalibrate_bn)) for r in sub.itertuples()})
     if len(variants) > 1:
-        labels = [_variant_label(metric, *v) for v in variants]
+        labels = [_variant_label(*v) for v in variants]
         with c2:
             chosen = st.selectbox("Clustering options", labels, key="analysis.sens_variant")
         variant = variants[labels.index(chosen)]
@@ -195,13 +188,13 @@ def sensitivity_section(path: Path, checkpoint: Path | None) -> None:
     expected = sum(len(k_grid(l.filters)) for l in CONV_LAYERS)
     head = ckpt.read_json(path).get("header", {})
     n_test = head.get("test_images")
-    note = f"{len(g)} of {expected} points ({metric}, {_variant_label(metric, *variant)})"
+    note = f"{len(g)} of {expected} points ({metric}, {_variant_label(*variant)})"
     if len(g) < expected:
         note += " - the sweep is partial or still running; reload the page for new points"
     left, right = st.columns([2, 3])
     with left:
         st.altair_chart(acharts.sensitivity_heatmap(
-            g, subtitle=f"{metric}, {_variant_label(metric, *variant)}; colour capped at {HEATMAP_CLIP_PTS:g} pp",
+            g, subtitle=f"{metric}, {_variant_label(*variant)}; colour capped at {HEATMAP_CLIP_PTS:g} pp",
             clip=HEATMAP_CLIP_PTS), width="stretch", height=520)  # Streamlit fits labels + legend in the width
     with right:
         st.altair_chart(acharts.sensitivity_lines(g, title=f"Points lost vs k ({metric})", columns=2),
@@ -288,7 +281,8 @@ def search_section(path: Path, name: str, checkpoint: Path | None, ft_metas: lis
                             f"({-rec['drop_pts']:+.2f} pp) · {100 * rec['mac_reduction']:.1f}% fewer MACs · "
                             f"{charts.count(rec['params'])} parameters ({rec['compression_ratio']:.2f}×)")
                 n = len(cfg.active)
-                st.caption(f"{options_label(cfg)}; {n} layer{'s' if n != 1 else ''}: {_ks_text(cfg.active)}")
+                layers = report_ks_text(cfg.active) if cfg.active else "nothing clustered"
+                st.caption(f"{report_options_label(cfg, long=True)}; {n} layer{'s' if n != 1 else ''}: {layers}")
                 a, d = st.columns([3, 1], vertical_alignment="center")
                 a.button(f"Apply best configuration for budget {label}", key=f"analysis.apply.{b['key']}",
                          type="primary", width="stretch", on_click=apply_configuration,
@@ -354,7 +348,8 @@ def finetune_section(metas: list[dict], ckpt_dir: Path, checkpoint: Path | None,
                 "MACs saved %": 100 * comp["mac_reduction"] if comp else None,
                 "parameters": comp.get("params"),
                 "compression": f"{comp['compression_ratio']:.2f}×" if comp else "when finished",
-                "settings": setting, "options": options_label(cfg), "layers clustered": len(cfg.active),
+                "settings": setting, "options": report_options_label(cfg, long=True),
+                "layers clustered": len(cfg.active),
             })
     except READ_ERRORS as e:
         st.warning(f"A fine-tuning result could not be read: {e}", icon=":material/warning:")
