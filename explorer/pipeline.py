@@ -67,7 +67,11 @@ class Explorer:
         self.engine = FastEvaluator(data.test_images, data.test_labels, mixed=mixed, **kw)
         # The baseline goes through the same engine as every pruned net, so "nothing clustered"
         # reproduces it exactly (a plain eager pass may differ on a near-tie or two).
-        self.baseline = self.engine.evaluate(compress(self.model))
+        base = compress(self.model)
+        self.baseline = self.engine.evaluate(base)
+        # The first MAC count loads torch's FLOP counter (about 1.5 s, measured): paid here, at cold
+        # start, not by the first slider move.
+        report(base, self.model)
         self._cache = LRUCache(cache_size)
 
     @classmethod

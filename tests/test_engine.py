@@ -8,7 +8,7 @@ import torch
 
 from explorer.clustering import ClusteringConfig, prune
 from explorer.compress import compress
-from explorer.engine import ActivationCache, FastEvaluator, stratified_subset, unit_digests
+from explorer.engine import ActivationCache, FastEvaluator, flip_error, inference_form, stratified_subset, unit_digests
 from explorer.evaluate import predict_logits
 from explorer.model import CONV_LAYERS, resnet20
 
@@ -73,8 +73,8 @@ def test_recheck_bound_widens_to_the_audited_bf16_error(random_model):
     fe = FastEvaluator(images, torch.arange(40) % 10, batch_size=40, audit=5, mixed=True, tau=1e-6)
     net = compress(random_model)
     pred = fe.predictions(net)
-    # a bound far below the bf16 error is widened to 4x the largest error observed
-    assert fe.stats["max_bf16_error"] > 0 and fe.stats["last_tau"] >= fe.safety * fe.stats["max_bf16_error"] - 1e-12
+    # a bound far below the bf16 error is widened to safety x the largest flip error observed
+    assert fe.stats["max_flip_error"] > 0 and fe.stats["last_tau"] >= fe.safety * fe.stats["max_flip_error"] - 1e-12
     assert torch.equal(pred, predict_logits(random_model, images).argmax(1))
 
 
@@ -89,6 +89,41 @@ def test_rechecked_rows_resume_from_their_cached_fp32_activations(random_model):
         assert torch.equal(fe.predictions(compress(model, cl)), predict_logits(model, images).argmax(1))
     assert fe.stats["rows_resumed"] == 60
     assert fe.cache.bytes <= fe.cache.max_bytes
+
+
+def test_flip_error_is_the_largest_error_relative_to_the_top_class():
+    exact = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    # image 0: top-1 class 0 shifted +0.1, class 2 shifted -0.3 -> 0.4; image 1: a common shift -> 0
+    approx = exact + torch.tensor([[0.1, 0.0, -0.3], [0.5, 0.5, 0.5]])
+    assert flip_error(approx, exact) == pytest.approx(0.4)
+    assert flip_error(approx[1:], exact[1:]) == 0.0
+    assert flip_error(approx[:0], exact[:0]) == 0.0
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_inference_form_computes_the_same_function(random_model, fold_bn):
+    from explorer.compress import CompressedConv
+
+    x = torch.randn(8, 3, 32, 32)
+    ks = {"conv1": 5, "layer1.0.conv1": 9, "layer2.1.conv1": 7, "layer2.2.conv2": 24, "layer3.0.conv1": 13,
+          "layer3.2.conv2": 40}
+    cfg = ClusteringConfig(fold_bn=fold_bn)
+    for name, k in ks.items():
+        cfg = cfg.with_k(name, k)
+    model, cl = prune(random_model, cfg)
+    net = compress(model, cl)
+    fast = inference_form(net)
+    with torch.inference_mode():
+        assert (fast(x) - net(x)).abs().max() < 1e-4
+    convs = {n: m for n, m in fast.named_modules() if isinstance(m, CompressedConv)}
+    assert all(m.conv.out_channels % 8 == 0 for m in convs.values())  # no odd filter counts left
+    if not fold_bn:
+        # 16-channel layers and k above Cout/2 run dense; small k in wide layers keeps k filters
+        assert not convs["conv1"].gathered and convs["conv1"].conv.out_channels == 16
+        assert not convs["layer2.2.conv2"].gathered and not convs["layer3.2.conv2"].gathered
+        assert convs["layer2.1.conv1"].gathered and convs["layer2.1.conv1"].conv.out_channels == 8
+        assert convs["layer3.0.conv1"].gathered and convs["layer3.0.conv1"].conv.out_channels == 16
+    assert net.conv1.conv.out_channels == 5  # the input net is not mutated
 
 
 def test_digests_change_only_downstream(random_model):
