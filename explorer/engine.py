@@ -70,6 +70,41 @@ def _run_unit(i: int, unit: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.relu(unit(x), inplace=True) if i == 0 else unit(x)
 
 
+# oneDNN convolution with fused post-ops (the op TorchInductor's CPU backend emits for conv + ReLU
+# and conv + add + ReLU); absent from builds without oneDNN.
+_CONV_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+
+
+def _conv_relu(m: CompressedConv, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """ReLU(m(x) [+ residual]) with the ReLU (and the add) fused into the last conv as oneDNN post-ops.
+
+    On these 2 cores a bf16 conv + ReLU runs 1.2-1.4x faster fused, conv + add + ReLU 1.2-1.5x
+    (measured, batch 250, channels_last): the separate ReLU and add were 20% of a bf16 pass, each a
+    full pass over memory-bound activations. The add is done before the output is rounded, so in bf16
+    the result differs from the unfused one by rounding only (the engine's audit measures the error
+    of exactly this computation); in fp32 it is identical (measured)."""
+    if m.gathered:
+        x = F.conv2d(x, m.conv.weight, None, m.conv.stride, 1)
+        w, b, stride, pad = m.gather_weight, m.shift, [1, 1], [0, 0]
+    else:
+        w, b, stride, pad = m.conv.weight, m.conv.bias, list(m.conv.stride), [1, 1]
+    if residual is None:
+        return _CONV_POINTWISE(x, w, b, pad, stride, [1, 1], 1, "relu", [], "")
+    return _CONV_POINTWISE.binary(x, residual, w, b, pad, stride, [1, 1], 1, "add", 1.0, "relu", [], "")
+
+
+def _run_unit_fused(i: int, unit: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """:func:`_run_unit` on an :func:`inference_form` net with fused post-ops (see :func:`_conv_relu`)."""
+    if i == 0:
+        return _conv_relu(unit, x)
+    h = _conv_relu(unit.conv1, x)
+    sc = x
+    if unit.stride != 1 or unit.pad:
+        sc = F.pad(x[:, :, :: unit.stride, :: unit.stride], (0, 0, 0, 0, unit.pad // 2, unit.pad - unit.pad // 2))
+        sc = sc.contiguous(memory_format=torch.channels_last)
+    return _conv_relu(unit.conv2, h, sc)
+
+
 def _head(net: CompressedResNet20, x: torch.Tensor) -> torch.Tensor:
     return net.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
@@ -131,6 +166,10 @@ def inference_form(net: CompressedResNet20) -> CompressedResNet20:
             if _gather_pays(k, cout):
                 if k % 8:
                     m.conv = _pad_filters(m.conv, _round_up(k))
+                # the gather + affine as the 1x1 conv weight CompressedConv.forward builds per call
+                g = torch.zeros(cout, m.conv.out_channels, 1, 1)
+                g[torch.arange(cout), m.index, 0, 0] = m.scale
+                m.register_buffer("gather_weight", g)
                 continue
             dense = torch.nn.Conv2d(m.conv.in_channels, cout, 3, m.conv.stride, 1, bias=True)
             dense.weight.copy_(m.conv.weight[m.index] * m.scale.view(-1, 1, 1, 1))
@@ -339,9 +378,10 @@ class FastEvaluator:
         bound = self.cache.max_bytes
         keep = {u: [] for u in self._plan(start, n, 2 if bf16 else 4, bound // 3, bound)}
         out = []
+        run = _run_unit_fused if bf16 and _CONV_POINTWISE is not None else _run_unit
         for x in batches:
             for u in range(start, len(us)):
-                x = _run_unit(u, us[u], x)
+                x = run(u, us[u], x)
                 if u in keep:
                     keep[u].append(x)
             out.append(_head(net, x).float())

@@ -8,6 +8,7 @@ import torch
 
 from explorer.clustering import ClusteringConfig, prune
 from explorer.compress import compress
+from explorer import engine
 from explorer.engine import ActivationCache, FastEvaluator, flip_error, inference_form, stratified_subset, unit_digests
 from explorer.evaluate import predict_logits
 from explorer.model import CONV_LAYERS, resnet20
@@ -124,6 +125,24 @@ def test_inference_form_computes_the_same_function(random_model, fold_bn):
         assert convs["layer2.1.conv1"].gathered and convs["layer2.1.conv1"].conv.out_channels == 8
         assert convs["layer3.0.conv1"].gathered and convs["layer3.0.conv1"].conv.out_channels == 16
     assert net.conv1.conv.out_channels == 5  # the input net is not mutated
+
+
+@pytest.mark.skipif(engine._CONV_POINTWISE is None, reason="torch built without oneDNN")
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_fused_units_compute_the_same_function(random_model, fold_bn):
+    cfg = ClusteringConfig(fold_bn=fold_bn)
+    for name, k in {"conv1": 5, "layer1.0.conv2": 9, "layer2.0.conv1": 7, "layer2.1.conv2": 12,
+                    "layer3.0.conv2": 13, "layer3.1.conv1": 40}.items():
+        cfg = cfg.with_k(name, k)
+    model, cl = prune(random_model, cfg)
+    net = inference_form(compress(model, cl))
+    assert any(getattr(m, "gathered", False) for m in net.modules())  # both conv forms are exercised
+    x = torch.randn(6, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        a = b = x
+        for u, unit in enumerate(engine.units(net)):
+            a, b = engine._run_unit(u, unit, a), engine._run_unit_fused(u, unit, b)
+            assert (a - b).abs().max() <= 1e-5 * max(1.0, float(a.abs().max())), f"unit {u}"
 
 
 def test_digests_change_only_downstream(random_model):
