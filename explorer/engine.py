@@ -79,6 +79,24 @@ def _run_unit(i: int, unit: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 _CONV_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
 
 
+_FUSED_OK: bool | None = None
+
+
+def _fused_available() -> bool:
+    """Whether the fused bf16 conv runs here (probed once on a tiny input; else the eager units)."""
+    global _FUSED_OK
+    if _FUSED_OK is None:
+        try:
+            x = torch.zeros(1, 8, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            w = torch.zeros(8, 8, 3, 3, dtype=torch.bfloat16)
+            _CONV_POINTWISE(x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+            _CONV_POINTWISE.binary(x, x, w, None, [1, 1], [1, 1], [1, 1], 1, "add", 1.0, "relu", [], "")
+            _FUSED_OK = True
+        except (AttributeError, RuntimeError, TypeError):
+            _FUSED_OK = False
+    return _FUSED_OK
+
+
 def _conv_relu(m: CompressedConv, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """ReLU(m(x) [+ residual]) with the ReLU (and the add) fused into the last conv as oneDNN post-ops.
 
@@ -382,7 +400,7 @@ class FastEvaluator:
         bound = self.cache.max_bytes
         keep = {u: [] for u in self._plan(start, n, 2 if bf16 else 4, bound // 3, bound)}
         out = []
-        run = _run_unit_fused if bf16 and _CONV_POINTWISE is not None else _run_unit
+        run = _run_unit_fused if bf16 and _fused_available() else _run_unit
         for x in batches:
             for u in range(start, len(us)):
                 x = run(u, us[u], x)

@@ -127,7 +127,7 @@ def test_inference_form_computes_the_same_function(random_model, fold_bn):
     assert net.conv1.conv.out_channels == 5  # the input net is not mutated
 
 
-@pytest.mark.skipif(engine._CONV_POINTWISE is None, reason="torch built without oneDNN")
+@pytest.mark.skipif(not engine._fused_available(), reason="torch built without oneDNN post-ops")
 @pytest.mark.parametrize("fold_bn", [False, True])
 def test_fused_units_compute_the_same_function(random_model, fold_bn):
     cfg = ClusteringConfig(fold_bn=fold_bn)
