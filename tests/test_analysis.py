@@ -11,28 +11,14 @@ import torch
 
 from explorer import checkpoints as ckpt
 from explorer.analysis_io import ResultsMismatch, make_explorer, weights_digest
-from explorer.clustering import ClusteringConfig, prune, recalibrate_bn
+from explorer.clustering import ClusteringConfig, prune
 from explorer.compress import compress
 from explorer.data import normalize, synthetic_cifar10
-from explorer.model import conv_layer, resnet20
+from explorer.model import conv_layer
+
+from _models import randomized_model
 
 torch.set_num_threads(1)
-
-
-def random_model(seed: int = 0) -> torch.nn.Module:
-    """Random ResNet20 with non-trivial BatchNorms (statistics from random images, then random
-    positive gains and biases), eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    m = resnet20()
-    recalibrate_bn(m, torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g))
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.weight.copy_(0.5 + torch.rand(mod.num_features, generator=g))
-                mod.bias.copy_(0.2 * torch.randn(mod.num_features, generator=g))
-        m.fc.bias.copy_(0.1 * torch.randn(10, generator=g))
-    return m.eval()
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +28,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model(0)
+    return randomized_model(0)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +106,7 @@ def test_sensitivity_refuses_results_of_other_weights(explorer, data, tmp_path):
 
     path = tmp_path / "x.sensitivity.json"
     sweep(explorer, path, ["layer3.2.conv2"], grid=(32,), progress=False, max_points=1)
-    other = make_explorer(random_model(1), data, "other", 16)
+    other = make_explorer(randomized_model(1), data, "other", 16)
     with pytest.raises(ResultsMismatch, match="weights_sha1"):
         sweep(other, path, ["layer3.2.conv2"], grid=(32,), progress=False)
     doc = sweep(other, path, ["layer3.2.conv2"], grid=(32,), progress=False, restart=True, max_points=1)

@@ -29,32 +29,12 @@ from explorer.clustering import (
 from explorer.data import normalize, synthetic_cifar10
 from explorer.model import CONV_LAYER_NAMES, CONV_LAYERS, conv_layer, resnet20
 
+from _models import randomized_model
+
 torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------- helpers
-
-def randomized_model(seed: int = 0) -> torch.nn.Module:
-    """A random ResNet20 whose BatchNorms are not the identity: running stats re-estimated on
-    random inputs (so activations stay O(1)) and then perturbed, random affines with a few negative
-    gammas. Eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    m = resnet20()
-    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
-    recalibrate_bn(m, images)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                c = mod.num_features
-                gamma = 0.5 + torch.rand(c, generator=g)
-                gamma[torch.rand(c, generator=g) < 0.1] *= -1
-                mod.weight.copy_(gamma)
-                mod.bias.copy_(0.2 * torch.randn(c, generator=g))
-                mod.running_mean.add_(0.1 * torch.randn(c, generator=g))
-                mod.running_var.mul_(0.8 + 0.45 * torch.rand(c, generator=g))
-    return m.eval()
-
 
 def weights(model, name):
     return dict(model.named_modules())[name].weight.detach()

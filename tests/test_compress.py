@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from explorer import checkpoints as ckpt
-from explorer.clustering import ClusteringConfig, apply, cluster_model, prune, recalibrate_bn
+from explorer.clustering import ClusteringConfig, apply, cluster_model, prune
 from explorer.compress import (
     CompressedResNet20,
     count_macs,
@@ -21,31 +21,12 @@ from explorer.compress import (
 from explorer.data import synthetic_cifar10
 from explorer.model import CONV_LAYERS, conv_layer, resnet20
 
+from _models import randomized_model
+
 torch.set_num_threads(1)
 
 BASELINE_MACS = 40_551_040  # checked against FlopCounterMode and the hand formula below
 BASELINE_PARAMS = 269_722
-
-
-def randomized_model(seed: int = 0) -> torch.nn.Module:
-    """Random ResNet20 with non-trivial BatchNorms (re-estimated on random images so activations stay
-    O(1), then perturbed; random affines, ~10% negative gammas). Eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    m = resnet20()
-    recalibrate_bn(m, torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g))
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                c = mod.num_features
-                gamma = 0.5 + torch.rand(c, generator=g)
-                gamma[torch.rand(c, generator=g) < 0.1] *= -1
-                mod.weight.copy_(gamma)
-                mod.bias.copy_(0.2 * torch.randn(c, generator=g))
-                mod.running_mean.add_(0.1 * torch.randn(c, generator=g))
-                mod.running_var.mul_(0.8 + 0.45 * torch.rand(c, generator=g))
-        m.fc.bias.copy_(0.1 * torch.randn(10, generator=g))
-    return m.eval()
 
 
 def hand_macs(specs) -> int:
