@@ -177,6 +177,45 @@ def run(checkpoint: str, data_root: str | None, changes: int, seed: int, naive_r
     return results
 
 
+def exactness(checkpoint: str, data_root: str | None, seeds: tuple[int, ...] = (0, 7, 11), changes: int = 15,
+              data=None) -> dict:
+    """How far the reported (mixed) path's predictions are from fp32: for ``changes`` random
+    single-layer changes from each of ``seeds``, the number of the N predictions that differ from the
+    fp32 engine's (equal to an eager fp32 pass up to float rounding), the images re-checked, and the
+    bf16 flip error over all N images against the audit's and against the final re-check bound tau
+    (where tau exceeds it, no prediction could differ).
+    Returns a JSON-ready dict; ``data`` as in :func:`run`."""
+    from .compress import compress
+    from .engine import FastEvaluator, flip_error
+
+    data = data if data is not None else load_cifar10(data_root)
+    base = ckpt.load_model(checkpoint)
+    fast = FastEvaluator(data.test_images, data.test_labels, mixed=True)
+    ref = FastEvaluator(data.test_images, data.test_labels, mixed=False, cache_mb=700)
+    rows = []
+    for seed in seeds:
+        rng, cfg = random.Random(seed), ClusteringConfig()
+        for i in range(changes):
+            layer = rng.choice(CONV_LAYERS)
+            cfg = cfg.with_k(layer.name, rng.randint(1, layer.filters - 1))
+            model, cl = prune(base, cfg, data.train_images)
+            net = compress(model, cl)
+            pred, exact = fast.predictions(net), ref.logits(net)
+            with torch.inference_mode():  # both served from the caches the two calls above filled
+                full = flip_error(fast._forward(net, "full", True), exact)
+                audit = flip_error(fast._forward(net, "audit", True), exact[fast.audit_index])
+            rows.append({"seed": seed, "change": i, "layer": layer.name, "differ": int((pred != exact.argmax(1)).sum()),
+                         "rechecked": fast.stats["last_rechecked"], "tau": fast.stats["last_tau"],
+                         "flip_error_full": full, "flip_error_audit": audit})
+            _log(f"seed {seed} change {i}: {rows[-1]['differ']} differ, {rows[-1]['rechecked']} re-checked")
+    return {"images": len(data.test_labels), "configurations": len(rows), "safety": fast.safety,
+            "differ_total": sum(r["differ"] for r in rows), "differ_max": max(r["differ"] for r in rows),
+            "full_over_audit_max": max(r["flip_error_full"] / max(r["flip_error_audit"], 1e-12) for r in rows),
+            # >= 1: the final bound exceeded the flip error of every image, so none could differ
+            "tau_over_full_min": min(r["tau"] / max(r["flip_error_full"], 1e-12) for r in rows),
+            "rows": rows}
+
+
 def format_table(r: dict) -> str:
     s = r["random_sequence"]
     rows = [
@@ -214,8 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", type=int, default=3, help="concurrent sessions in the memory phase")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--exactness", action="store_true",
+                   help="instead: count predictions of the reported path that differ from fp32 on 3 random "
+                        "sequences of 15 changes (JSON)")
     args = p.parse_args(argv)
     try:
+        if args.exactness:
+            print(json.dumps(exactness(args.checkpoint, args.data), indent=2))
+            return 0
         r = run(args.checkpoint, args.data, args.changes, args.seed, args.naive_repeats, args.sessions)
     except Exception as e:  # a benchmark should say what failed in one line
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)

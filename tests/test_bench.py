@@ -25,3 +25,15 @@ def test_bench_runs_and_fast_path_agrees_with_naive(tmp_path):
     assert r["umap"] is None
     table = bench.format_table(r)
     assert "4 random changes, median" in table and "concurrent sessions" in table
+
+
+def test_exactness_counts_differences_against_fp32(tmp_path):
+    torch.manual_seed(1)
+    path = tmp_path / "random.pt"
+    save_torch(resnet20().state_dict(), path)
+    data = synthetic_cifar10(100, 300, seed=4)
+    r = bench.exactness(str(path), None, seeds=(0, 1), changes=3, data=data)
+    assert r["configurations"] == 6 and len(r["rows"]) == 6 and r["images"] == 300
+    assert r["differ_max"] <= 3  # the bound: near-ties only
+    assert r["differ_total"] == sum(row["differ"] for row in r["rows"]) and r["tau_over_full_min"] > 0
+    assert all(row["tau"] >= 0.05 and row["flip_error_full"] > 0 for row in r["rows"])  # 0.05: the bound's floor
