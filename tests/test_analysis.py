@@ -115,6 +115,20 @@ def test_sensitivity_refuses_results_of_other_weights(explorer, data, tmp_path):
 
 # ---------------------------------------------------------------- search
 
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_spec_macs_equals_the_flop_counter(fold_bn):
+    from explorer.compress import count_macs
+    from explorer.search import spec_macs
+
+    model = randomized_model(3)
+    cfg = ClusteringConfig(fold_bn=fold_bn).with_k("conv1", 5).with_k("layer1.1.conv1", 3) \
+        .with_k("layer2.0.conv1", 11).with_k("layer3.2.conv2", 20)
+    for c in (ClusteringConfig(), cfg):
+        small = compress(*prune(model, c))
+        assert spec_macs(small.specs) == count_macs(small)
+    assert spec_macs(compress(model).specs) == 40_551_040  # ResNet20's count
+
+
 def test_greedy_backs_off_and_respects_the_budget_on_verified_numbers():
     """A fake net: the verified drop is the sum of single-layer drops plus an interaction the
     sensitivity table cannot see (0.5 points once three layers are clustered), so a move that the
