@@ -262,3 +262,20 @@ def test_apply_best_configuration_opens_the_explorer_on_it(env, tmp_path, monkey
     no_exception(at)
     assert "page" not in at.query_params
     assert {s.key: s.value for s in at.slider if s.key and s.key.startswith("k.")} == sliders
+
+
+def test_result_files_are_cached_until_rewritten(tmp_path, monkeypatch):
+    path = tmp_path / "x.json"
+    ckpt.save_json({"header": {"test_images": 1}}, path)
+    reads = []
+    monkeypatch.setitem(analysis_page._LOADERS, "json", lambda p: reads.append(p) or ckpt.read_json(p))
+    analysis_page._read_cached.clear()
+    for _ in range(3):  # page reruns: one read of the file
+        assert analysis_page.read_result("json", path)["header"]["test_images"] == 1
+    assert len(reads) == 1
+    ckpt.save_json({"header": {"test_images": 22}}, path)  # an atomic rewrite: new mtime and size
+    assert analysis_page.read_result("json", path)["header"]["test_images"] == 22
+    assert len(reads) == 2
+    path.unlink()
+    with pytest.raises(ckpt.CheckpointError):
+        analysis_page.read_result("json", path)

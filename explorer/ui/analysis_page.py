@@ -52,6 +52,26 @@ HEATMAP_CLIP_PTS = 20.0
 READ_ERRORS = (ckpt.CheckpointError, KeyError, TypeError, ValueError, AttributeError)
 
 
+_LOADERS = {"sensitivity": load_sensitivity, "search": load_search, "json": ckpt.read_json}
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _read_cached(kind: str, path: str, stamp: tuple[int, int] | None):
+    return _LOADERS[kind](Path(path))
+
+
+def read_result(kind: str, path: Path):
+    """``load_sensitivity`` / ``load_search`` / ``read_json`` of ``path``, cached per (path, mtime,
+    size): every widget click reruns the page, and a result file changes only when a tool writes it
+    (atomically, so a new mtime). Raises what the loader raises."""
+    try:
+        st_ = path.stat()
+        stamp = (st_.st_mtime_ns, st_.st_size)
+    except OSError:
+        stamp = None  # the loader reports the missing file in its own words
+    return _read_cached(kind, str(path), stamp)
+
+
 # ---------------------------------------------------------------- which page, switching
 
 def split_query(query: dict[str, list[str]]) -> tuple[str, dict[str, list[str]], list[str]]:
@@ -160,7 +180,7 @@ def sensitivity_section(path: Path, checkpoint: Path | None) -> None:
                 icon=":material/info:")
         return
     try:
-        df = load_sensitivity(path)
+        df = read_result("sensitivity", path)
         if not df.empty:
             df = df.assign(recalibrate_bn=df["recalibrate_bn"].astype(int), fold_bn=df["fold_bn"].astype(bool))
     except READ_ERRORS as e:
@@ -186,7 +206,7 @@ def sensitivity_section(path: Path, checkpoint: Path | None) -> None:
     gran, fold, recal = variant
     g = sub[(sub["granularity"] == gran) & (sub["fold_bn"] == fold) & (sub["recalibrate_bn"] == recal)]
     expected = sum(len(k_grid(l.filters)) for l in CONV_LAYERS)
-    head = ckpt.read_json(path).get("header", {})
+    head = read_result("json", path).get("header", {})
     n_test = head.get("test_images")
     note = f"{len(g)} of {expected} points ({metric}, {_variant_label(*variant)})"
     if len(g) < expected:
@@ -242,7 +262,7 @@ def search_section(path: Path, name: str, checkpoint: Path | None, ft_metas: lis
                 f"split; it first completes the euclidean sensitivity sweep it needs).", icon=":material/info:")
         return
     try:
-        doc = load_search(path)
+        doc = read_result("search", path)
         table = pareto_table(doc)
         base_top1 = float(doc["header"]["baseline_top1"])
         bests = best_configurations(doc)
