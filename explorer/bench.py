@@ -202,17 +202,25 @@ def exactness(checkpoint: str, data_root: str | None, seeds: tuple[int, ...] = (
             net = compress(model, cl)
             pred, exact = fast.predictions(net), ref.logits(net)
             with torch.inference_mode():  # both served from the caches the two calls above filled
-                full = flip_error(fast._forward(net, "full", True), exact)
+                low = fast._forward(net, "full", True)
+                full = flip_error(low, exact)
                 audit = flip_error(fast._forward(net, "audit", True), exact[fast.audit_index])
+            top2 = low.topk(2, dim=1).values
+            margin, flipped = top2[:, 0] - top2[:, 1], low.argmax(1) != exact.argmax(1)
             rows.append({"seed": seed, "change": i, "layer": layer.name, "differ": int((pred != exact.argmax(1)).sum()),
                          "rechecked": fast.stats["last_rechecked"], "tau": fast.stats["last_tau"],
-                         "flip_error_full": full, "flip_error_audit": audit})
+                         "tau_initial": max(fast.tau, fast.safety * audit),
+                         "flip_error_full": full, "flip_error_audit": audit,
+                         # headroom: what smaller safety factors (no floor, no widening) would have let through
+                         "differ_at_safety": {str(f): int((flipped & (margin >= f * audit)).sum()) for f in (0.5, 1.0)}})
             _log(f"seed {seed} change {i}: {rows[-1]['differ']} differ, {rows[-1]['rechecked']} re-checked")
     return {"images": len(data.test_labels), "configurations": len(rows), "safety": fast.safety,
             "differ_total": sum(r["differ"] for r in rows), "differ_max": max(r["differ"] for r in rows),
             "full_over_audit_max": max(r["flip_error_full"] / max(r["flip_error_audit"], 1e-12) for r in rows),
             # >= 1: the final bound exceeded the flip error of every image, so none could differ
             "tau_over_full_min": min(r["tau"] / max(r["flip_error_full"], 1e-12) for r in rows),
+            "tau_initial_over_full_min": min(r["tau_initial"] / max(r["flip_error_full"], 1e-12) for r in rows),
+            "differ_at_safety_max": {f: max(r["differ_at_safety"][f] for r in rows) for f in ("0.5", "1.0")},
             "rows": rows}
 
 

@@ -56,17 +56,17 @@ _LOADERS = {"sensitivity": load_sensitivity, "search": load_search, "json": ckpt
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _read_cached(kind: str, path: str, stamp: tuple[int, int] | None):
+def _read_cached(kind: str, path: str, stamp: tuple[int, int, int] | None):
     return _LOADERS[kind](Path(path))
 
 
 def read_result(kind: str, path: Path):
-    """``load_sensitivity`` / ``load_search`` / ``read_json`` of ``path``, cached per (path, mtime,
-    size): every widget click reruns the page, and a result file changes only when a tool writes it
-    (atomically, so a new mtime). Raises what the loader raises."""
+    """``load_sensitivity`` / ``load_search`` / ``read_json`` of ``path``, cached per (path, inode,
+    mtime, size): every widget click reruns the page, and a result file changes only when a tool
+    writes it (atomically: a new file, so a new inode and mtime). Raises what the loader raises."""
     try:
         st_ = path.stat()
-        stamp = (st_.st_mtime_ns, st_.st_size)
+        stamp = (st_.st_ino, st_.st_mtime_ns, st_.st_size)
     except OSError:
         stamp = None  # the loader reports the missing file in its own words
     return _read_cached(kind, str(path), stamp)
