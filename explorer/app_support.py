@@ -107,22 +107,10 @@ def read_weights(path: str | os.PathLike) -> tuple[bytes, str]:
 
 
 def model_from_bytes(data: bytes, source: str):
-    """A ResNet20 in eval mode from the bytes of a ``.pt`` state dict, loaded like
-    :func:`explorer.checkpoints.load_model`: ``torch.load(..., weights_only=True)`` (no pickle code
-    runs) and :func:`explorer.checkpoints.validate_state_dict`. Raises CheckpointError."""
-    import torch
-
-    from .model import resnet20
-
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad magic, or a pickle global the safe loader refuses
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ckpt.CheckpointError(f"{source}: not a valid checkpoint ({first[:200]})") from None
-    state = ckpt.validate_state_dict(state, source)
-    model = resnet20()
-    model.load_state_dict(state)
-    return model.eval()
+    """A ResNet20 in eval mode from the bytes of a ``.pt`` state dict:
+    :func:`explorer.checkpoints.load_model` on the bytes (``torch.load(..., weights_only=True)``, no
+    pickle code runs, then :func:`explorer.checkpoints.validate_state_dict`). Raises CheckpointError."""
+    return ckpt.load_model(data, source)
 
 
 # ---------------------------------------------------------------- uploads

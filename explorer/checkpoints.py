@@ -15,6 +15,7 @@ Every write goes to a temporary file in the same directory and is renamed over t
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -79,20 +80,25 @@ def save_json(obj, path: str | os.PathLike) -> None:
     _atomic_write(Path(path), lambda f: f.write(data))
 
 
-def load_torch(path: str | os.PathLike):
-    """``torch.load(path, weights_only=True)`` on CPU.
+def load_torch(source: str | os.PathLike | bytes, name: str | None = None):
+    """``torch.load(source, weights_only=True)`` on CPU; ``source`` is a file path or the bytes of
+    one (an upload; ``name`` is what messages call it).
 
     Raises CheckpointError for a missing, truncated or unsafe file (one that needs arbitrary
     pickle code to load); no code from the file is ever run.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    if isinstance(source, (bytes, bytearray)):
+        shown, f = name or "upload", io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such checkpoint file")
+        shown, f = name or path.name, path
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad magic, or a pickle global the safe loader refuses
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path.name}: not a valid checkpoint ({first[:200]})") from None
+        raise CheckpointError(f"{shown}: not a valid checkpoint ({first[:200]})") from None
 
 
 def validate_state_dict(state: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -122,12 +128,14 @@ def validate_state_dict(state: object, source: str = "checkpoint") -> dict[str, 
     return state
 
 
-def load_model(path: str | os.PathLike) -> ResNet20:
-    """Load a ResNet20 from a ``.pt`` state dict (safely), in eval mode on CPU.
+def load_model(source: str | os.PathLike | bytes, name: str | None = None) -> ResNet20:
+    """Load a ResNet20 from a ``.pt`` state dict (a path, or its bytes as in :func:`load_torch`),
+    safely, in eval mode on CPU.
 
     Raises CheckpointError when the file is missing, unsafe, corrupt or not a ResNet20.
     """
-    state = validate_state_dict(load_torch(path), Path(path).name)
+    shown = name or ("upload" if isinstance(source, (bytes, bytearray)) else Path(source).name)
+    state = validate_state_dict(load_torch(source, shown), shown)
     model = resnet20()
     model.load_state_dict(state)
     return model.eval()
