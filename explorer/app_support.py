@@ -175,23 +175,16 @@ def check_upload(filename: str, data: bytes, max_bytes: int = MAX_UPLOAD_BYTES) 
                           f"(a ResNet20 state dict is about 1.1 MB); {_SAVE_HINT}")
     if size == 0:
         raise UploadError(f"{shown}: the file is empty; {_SAVE_HINT}")
-    import pickle
-
-    import torch
-
-    from .model import resnet20
-
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad magic, not a torch file, or refused by the safe loader
-        if isinstance(e, pickle.UnpicklingError) and re.search(r"unsupported (global|class)", str(e), re.I):
-            raise UploadError(f"{shown}: refused, it holds pickled objects other than tensors (which could run "
-                              f"code); {_SAVE_HINT}") from None
+        state = ckpt.load_torch(data, shown)
+    except ckpt.UnsafeCheckpointError:
+        raise UploadError(f"{shown}: refused, it holds pickled objects other than tensors (which could run "
+                          f"code); {_SAVE_HINT}") from None
+    except ckpt.CheckpointError:
         raise UploadError(f"{shown}: not a readable PyTorch file (truncated or corrupt?); {_SAVE_HINT}") from None
     try:
-        state = ckpt.validate_state_dict(state, shown)
-        resnet20().load_state_dict(state)
-    except (ckpt.CheckpointError, RuntimeError) as e:
+        ckpt.validate_state_dict(state, shown)
+    except ckpt.CheckpointError as e:
         raise UploadError(_one_line(f"{e}; {_SAVE_HINT}")) from None
     name = upload_name(filename)
     return UploadedCheckpoint(f"{UPLOAD_PREFIX}{name}", name, shown, bytes(data), hashlib.sha256(data).hexdigest()[:20])

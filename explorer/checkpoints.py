@@ -18,6 +18,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,6 +38,10 @@ NOT_CHECKPOINT_SUFFIXES = (".status.json", ".config.json", ".sensitivity.json", 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, unsafe or not a ResNet20: the message says which."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file holds pickled objects other than tensors, which the safe loader refuses to build."""
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -84,8 +90,8 @@ def load_torch(source: str | os.PathLike | bytes, name: str | None = None):
     """``torch.load(source, weights_only=True)`` on CPU; ``source`` is a file path or the bytes of
     one (an upload; ``name`` is what messages call it).
 
-    Raises CheckpointError for a missing, truncated or unsafe file (one that needs arbitrary
-    pickle code to load); no code from the file is ever run.
+    Raises CheckpointError for a missing or truncated file, UnsafeCheckpointError (a CheckpointError)
+    for one that needs arbitrary pickle code to load; no code from the file is ever run.
     """
     if isinstance(source, (bytes, bytearray)):
         shown, f = name or "upload", io.BytesIO(source)
@@ -98,7 +104,9 @@ def load_torch(source: str | os.PathLike | bytes, name: str | None = None):
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad magic, or a pickle global the safe loader refuses
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{shown}: not a valid checkpoint ({first[:200]})") from None
+        unsafe = isinstance(e, pickle.UnpicklingError) and re.search(r"unsupported (global|class)", str(e), re.I)
+        raise (UnsafeCheckpointError if unsafe else CheckpointError)(
+            f"{shown}: not a valid checkpoint ({first[:200]})") from None
 
 
 def validate_state_dict(state: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:

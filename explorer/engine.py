@@ -49,6 +49,7 @@ Reuse:
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import math
 import os
@@ -60,7 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .compress import CompressedBlock, CompressedConv, CompressedResNet20
+from .compress import CompressedConv, CompressedResNet20
 from .data import normalize
 from .evaluate import Evaluation, evaluation_from_predictions
 
@@ -82,35 +83,30 @@ def _run_unit(i: int, unit: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 _CONV_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
 
 
-_FUSED_OK: bool | None = None
-
-
+@functools.cache
 def _fused_available() -> bool:
     """Whether the fused bf16 conv runs here (probed once on a tiny input; else the eager units)."""
-    global _FUSED_OK
-    if _FUSED_OK is None:
-        try:
-            x = torch.zeros(1, 8, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-            w = torch.zeros(8, 8, 3, 3, dtype=torch.bfloat16)
-            _CONV_POINTWISE(x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
-            _CONV_POINTWISE.binary(x, x, w, None, [1, 1], [1, 1], [1, 1], 1, "add", 1.0, "relu", [], "")
-            _FUSED_OK = True
-        except (AttributeError, RuntimeError, TypeError):
-            _FUSED_OK = False
-    return _FUSED_OK
+    try:
+        x = torch.zeros(1, 8, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        w = torch.zeros(8, 8, 3, 3, dtype=torch.bfloat16)
+        _CONV_POINTWISE(x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+        _CONV_POINTWISE.binary(x, x, w, None, [1, 1], [1, 1], [1, 1], 1, "add", 1.0, "relu", [], "")
+        return True
+    except (AttributeError, RuntimeError, TypeError):
+        return False
 
 
 def _conv_relu(m: CompressedConv, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """ReLU(m(x) [+ residual]) with the ReLU (and the add) fused into the last conv as oneDNN post-ops.
 
-    On these 2 cores a bf16 conv + ReLU runs 1.2-1.4x faster fused, conv + add + ReLU 1.2-1.5x
-    (measured, batch 250, channels_last): the separate ReLU and add were 20% of a bf16 pass, each a
-    full pass over memory-bound activations. The add is done before the output is rounded, so in bf16
+    On these 2 cores a bf16 conv + ReLU runs 1.0-1.4x faster fused, conv + add + ReLU 1.2-1.5x
+    (measured per stage, batch 250, channels_last), and a full bf16 pass 1.28x (4 configurations of
+    the benchmark's sequence): the separate ReLU and add are full passes over memory-bound activations. The add is done before the output is rounded, so in bf16
     the result differs from the unfused one by rounding only (the engine's audit measures the error
     of exactly this computation); in fp32 it is identical (measured)."""
     if m.gathered:
         x = F.conv2d(x, m.conv.weight, None, m.conv.stride, 1)
-        w, b, stride, pad = m.gather_weight, m.shift, [1, 1], [0, 0]
+        w, b, stride, pad = m.gather_weight(x.shape[1]), m.shift, [1, 1], [0, 0]
     else:
         w, b, stride, pad = m.conv.weight, m.conv.bias, list(m.conv.stride), [1, 1]
     if residual is None:
@@ -122,12 +118,8 @@ def _run_unit_fused(i: int, unit: torch.nn.Module, x: torch.Tensor) -> torch.Ten
     """:func:`_run_unit` on an :func:`inference_form` net with fused post-ops (see :func:`_conv_relu`)."""
     if i == 0:
         return _conv_relu(unit, x)
-    h = _conv_relu(unit.conv1, x)
-    sc = x
-    if unit.stride != 1 or unit.pad:
-        sc = F.pad(x[:, :, :: unit.stride, :: unit.stride], (0, 0, 0, 0, unit.pad // 2, unit.pad - unit.pad // 2))
-        sc = sc.contiguous(memory_format=torch.channels_last)
-    return _conv_relu(unit.conv2, h, sc)
+    sc = unit.shortcut(x).contiguous(memory_format=torch.channels_last)
+    return _conv_relu(unit.conv2, _conv_relu(unit.conv1, x), sc)
 
 
 def _head(net: CompressedResNet20, x: torch.Tensor) -> torch.Tensor:
@@ -140,38 +132,14 @@ def _chunks_nbytes(value) -> int:
     return sum(t.numel() * t.element_size() for t in value)
 
 
-def _round_up(k: int, multiple: int = 8) -> int:
-    return -(-k // multiple) * multiple
-
-
-def _pad_filters(conv: torch.nn.Conv2d, filters: int) -> torch.nn.Conv2d:
-    """``conv`` with zero filters (and zero bias) appended up to ``filters`` outputs."""
-    out = torch.nn.Conv2d(conv.in_channels, filters, 3, conv.stride, 1, bias=conv.bias is not None)
-    with torch.no_grad():
-        out.weight.zero_()[: conv.out_channels] = conv.weight
-        if conv.bias is not None:
-            out.bias.zero_()[: conv.out_channels] = conv.bias
-    return out
-
-
-def _pad_inputs(conv: torch.nn.Conv2d, channels: int) -> torch.nn.Conv2d:
-    """``conv`` reading ``channels`` inputs, the appended ones with zero weights."""
-    out = torch.nn.Conv2d(channels, conv.out_channels, 3, conv.stride, 1, bias=conv.bias is not None)
-    with torch.no_grad():
-        out.weight.zero_()[:, : conv.in_channels] = conv.weight
-        if conv.bias is not None:
-            out.bias.copy_(conv.bias)
-    return out
-
-
 def _gather_pays(filters: int, out_channels: int) -> bool:
     """Whether k distinct filters + the 1x1 gather beat one dense conv of all Cout filters.
 
     Measured (batch 250, channels_last, 2 cores, bf16 and fp32): a 3x3 conv on this net's small
     maps costs about as much for 1 filter as for 16 (reading the input dominates) and the gather
     adds a pass over the output, so with 16 channels the dense conv always wins; with 32 or 64
-    the k-filter form wins while k (rounded up to 8) is at most half of Cout."""
-    return out_channels >= 32 and _round_up(filters) <= out_channels // 2
+    the k-filter form wins while k is at most half of Cout."""
+    return out_channels >= 32 and filters <= out_channels // 2
 
 
 @torch.no_grad()
@@ -179,9 +147,9 @@ def inference_form(net: CompressedResNet20) -> CompressedResNet20:
     """A copy of ``net`` computing the same function (up to float rounding) in the form that runs
     fastest here: a gathered conv (k distinct filters, then a 1x1 gather + affine to Cout
     channels) stays so only where that is faster (:func:`_gather_pays`), else becomes one dense
-    conv with the affine folded in (weight[c] = scale[c] * D[index[c]], bias = shift); filter
-    counts that are not a multiple of 8 are padded with zero filters (oneDNN's blocked kernels
-    run 2x slower on such counts, measured at k = 15 vs 16); zero filters add exact zeros.
+    conv with the affine folded in (weight[c] = scale[c] * D[index[c]], bias = shift). Measured
+    on 4 configurations of the benchmark's slider sequence (full passes, min of 5): a bf16 pass
+    1.20x faster than the compressed net's own form, fp32 1.04x.
 
     ``net`` is not mutated; shapes: as :class:`~explorer.compress.CompressedResNet20`. For the
     engine only: the copy keeps ``net.specs`` (the compressed structure), so MACs, parameters and
@@ -191,23 +159,12 @@ def inference_form(net: CompressedResNet20) -> CompressedResNet20:
         if isinstance(m, CompressedConv) and m.gathered:
             k, cout = m.conv.out_channels, len(m.index)
             if _gather_pays(k, cout):
-                if k % 8:
-                    m.conv = _pad_filters(m.conv, _round_up(k))
-                # the gather + affine as the 1x1 conv weight CompressedConv.forward builds per call
-                g = torch.zeros(cout, m.conv.out_channels, 1, 1)
-                g[torch.arange(cout), m.index, 0, 0] = m.scale
-                m.register_buffer("gather_weight", g)
                 continue
             dense = torch.nn.Conv2d(m.conv.in_channels, cout, 3, m.conv.stride, 1, bias=True)
             dense.weight.copy_(m.conv.weight[m.index] * m.scale.view(-1, 1, 1, 1))
             dense.bias.copy_(m.shift)
             m.conv, m.gathered = dense, False
             del m.index, m.scale, m.shift
-        elif isinstance(m, CompressedBlock):
-            k = m.conv1.conv.out_channels
-            if not m.conv1.gathered and k % 8 and m.conv2.conv.in_channels == k:  # merged (fold_bn)
-                m.conv1.conv = _pad_filters(m.conv1.conv, _round_up(k))
-                m.conv2.conv = _pad_inputs(m.conv2.conv, _round_up(k))
     return net.eval()
 
 
@@ -303,6 +260,16 @@ def _unit_shape(u: int, n: int) -> tuple[int, int, int, int]:
     return (n, 64, 8, 8)
 
 
+class _Prepared:
+    """One net as the engine runs it, made once per evaluation: the chained unit digests (cache keys,
+    from the compressed net), its :func:`inference_form` and, for the mixed path, a bf16 copy of it."""
+
+    def __init__(self, net: CompressedResNet20, bf16: bool):
+        self.digests = unit_digests(net)
+        self.fp32 = inference_form(net)
+        self.bf16 = copy.deepcopy(self.fp32).to(torch.bfloat16) if bf16 else None
+
+
 class FastEvaluator:
     """Exact evaluation of compressed ResNet20s on one labelled image set, reusing unchanged
     upstream activations across calls and threads.
@@ -372,16 +339,13 @@ class FastEvaluator:
         x = torch.cat(parts) if parts else self.inputs[:0]
         return x.contiguous(memory_format=torch.channels_last)
 
-    def _forward(self, net: CompressedResNet20, subset: str, bf16: bool) -> torch.Tensor:
+    def _forward(self, prep: _Prepared, subset: str, bf16: bool) -> torch.Tensor:
         """Logits (rows of ``subset``, 10) through the units, resuming from the deepest cached
         activation (the full-set activation serves the subsets too).
 
         Activations are cached as the per-batch output tensors themselves (no copy into one big
         tensor); the bf16 path runs a bf16 copy of the net (no autocast dtype round trips)."""
-        digests = unit_digests(net)
-        net = inference_form(net)
-        if bf16:
-            net = net.to(torch.bfloat16)
+        digests, net = prep.digests, prep.bf16 if bf16 else prep.fp32
         us = units(net)
         prec = "bf16:" if bf16 else "fp32:"
         tag, full_tag = f"{prec}{subset}:", f"{prec}full:"
@@ -433,16 +397,24 @@ class FastEvaluator:
 
     @torch.inference_mode()
     def _logits(self, net: CompressedResNet20, preview: bool) -> torch.Tensor:
-        return self._forward(net, "preview" if preview else "full", bf16=False)
+        return self._forward(_Prepared(net, bf16=False), "preview" if preview else "full", bf16=False)
+
+    def bf16_logits(self, net: CompressedResNet20, subset: str = "full") -> torch.Tensor:
+        """Logits (rows of ``subset``, 10) of the bf16 pass the mixed path re-checks, as float32;
+        ``subset``: "full", "preview" or "audit" (:attr:`audit_index`). For measuring the bound."""
+        return self._on_worker(self._bf16_logits, net.eval(), subset)
 
     @torch.inference_mode()
-    def _fp32_rows(self, net: CompressedResNet20, rows: torch.Tensor) -> torch.Tensor:
+    def _bf16_logits(self, net: CompressedResNet20, subset: str) -> torch.Tensor:
+        return self._forward(_Prepared(net, bf16=True), subset, bf16=True)
+
+    @torch.inference_mode()
+    def _fp32_rows(self, prep: _Prepared, rows: torch.Tensor) -> torch.Tensor:
         """fp32 logits (len(rows), 10) of the given (sorted) image rows: from the deepest cached
         full-set fp32 activation when there is one; else rows re-checked before under the same
         upstream units resume from their cached fp32 activations ("fp32:rows:" entries, which this
         call refreshes for the units it computes) and the others start from the input."""
-        digests = unit_digests(net)
-        net = inference_form(net)
+        digests, net = prep.digests, prep.fp32
         us = units(net)
         n = len(rows)
         start, known, act, from_full = 0, torch.zeros(n, dtype=torch.bool), None, False
@@ -490,15 +462,16 @@ class FastEvaluator:
     @torch.inference_mode()
     def _predictions(self, net: CompressedResNet20, preview: bool) -> torch.Tensor:
         subset = "preview" if preview else "full"
+        prep = _Prepared(net, bf16=self.mixed)
         if not self.mixed:
-            return self._forward(net, subset, bf16=False).argmax(1)
-        logits = self._forward(net, subset, bf16=True)
+            return self._forward(prep, subset, bf16=False).argmax(1)
+        logits = self._forward(prep, subset, bf16=True)
         if preview:
             # The preview is the bf16 pass alone: labelled a preview wherever shown, and followed by
             # the full, re-checked result; re-checking it too would double its cost.
             return logits.argmax(1)
         # The bf16 error of this very net, measured on the fixed audit sample (cached like any subset).
-        err = flip_error(self._forward(net, "audit", bf16=True), self._forward(net, "audit", bf16=False))
+        err = flip_error(self._forward(prep, "audit", bf16=True), self._forward(prep, "audit", bf16=False))
         rows = torch.arange(len(self.labels))
         top2 = logits.topk(2, dim=1).values
         margin = top2[:, 0] - top2[:, 1]
@@ -509,7 +482,7 @@ class FastEvaluator:
         while True:
             idx = torch.nonzero(~(margin >= tau) & ~done).flatten()  # a NaN margin is re-checked too
             if len(idx):
-                exact[idx] = self._fp32_rows(net, rows[idx])
+                exact[idx] = self._fp32_rows(prep, rows[idx])
                 done[idx] = True
                 err = max(err, flip_error(logits[idx], exact[idx]))
             self._count(max_flip_error=err)

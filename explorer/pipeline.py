@@ -73,6 +73,9 @@ class Explorer:
         # start, not by the first slider move.
         report(base, self.model)
         self._cache = LRUCache(cache_size)
+        # The clustered and compressed nets of the latest configurations: the app's preview and the
+        # full run of one slider move share them (apply() copies the model and may re-estimate BN).
+        self._pruned = LRUCache(4)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, data_root: str | None = None, data: CIFAR10Tensors | None = None
@@ -88,8 +91,17 @@ class Explorer:
     def preview(self, config: ClusteringConfig) -> Evaluation:
         """Quick evaluation on the engine's fixed stratified subset (200 test images per class).
         A preview, to be labelled as such; :meth:`run` gives the full result."""
-        model, clustering = prune(self.model, config, self.data.train_images)
-        return self.engine.evaluate(compress(model, clustering), preview=True)
+        return self.engine.evaluate(self._prune(config)[2], preview=True)
+
+    def _prune(self, config: ClusteringConfig) -> tuple[torch.nn.Module, Clustering, CompressedResNet20]:
+        """(clustered model, clustering, compressed net) for ``config``, cached for a few configurations."""
+        key = config.key()
+        hit = self._pruned.get(key)
+        if hit is None:
+            model, clustering = prune(self.model, config, self.data.train_images)
+            hit = (model, clustering, compress(model, clustering))
+            self._pruned.put(key, hit)
+        return hit
 
     def cached(self, config: ClusteringConfig, latency_batches: tuple[int, ...] = ()) -> PruneResult | None:
         """The result of :meth:`run` for ``config`` if it is in the cache, else None (no work)."""
@@ -112,8 +124,7 @@ class Explorer:
             small = compress(model, clustering)
             ev = self.baseline
         else:
-            model, clustering = prune(self.model, config, self.data.train_images)
-            small = compress(model, clustering)
+            model, clustering, small = self._prune(config)
             ev = self.engine.evaluate(small)
         result = PruneResult(config, clustering, model, small, ev, Comparison(self.baseline, ev),
                              report(small, self.model, latency_batches))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import random
 
 import pytest
 import torch
@@ -10,9 +9,10 @@ import torch
 from explorer.clustering import ClusteringConfig, prune
 from explorer.compress import compress
 from explorer import engine
+from explorer.bench import random_changes
 from explorer.engine import ActivationCache, FastEvaluator, flip_error, inference_form, stratified_subset, unit_digests
 from explorer.evaluate import predict_logits
-from explorer.model import CONV_LAYERS, resnet20
+from explorer.model import resnet20
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +30,7 @@ def random_model():
 
 
 def _configs(seed, n):
-    rng = random.Random(seed)
-    cfg = ClusteringConfig()
-    out = []
-    for _ in range(n):
-        layer = rng.choice(CONV_LAYERS)
-        cfg = cfg.with_k(layer.name, rng.randint(1, layer.filters - 1))
-        out.append(cfg)
-    return out
+    return [cfg for _, cfg in random_changes(seed, n)]
 
 
 def test_fp32_and_mixed_match_eager_and_reuse_upstream(random_model):
@@ -74,8 +67,7 @@ def test_recheck_bound_widens_when_rechecked_images_show_a_larger_error(random_m
     images = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     net = compress(random_model)
     probe = FastEvaluator(images, torch.arange(100) % 10, batch_size=50, audit=5, mixed=True)
-    with torch.inference_mode():
-        top2 = probe._forward(net, "full", True).topk(2, dim=1).values
+    top2 = probe.bf16_logits(net).topk(2, dim=1).values
     smallest = float((top2[:, 0] - top2[:, 1]).min())
     # A random net's margins dwarf its bf16 error, so simulate what the widening is for: the audit
     # sees no error, the first re-checked image (the one below the starting bound) a large one.
@@ -138,13 +130,12 @@ def test_inference_form_computes_the_same_function(random_model, fold_bn):
     with torch.inference_mode():
         assert (fast(x) - net(x)).abs().max() < 1e-4
     convs = {n: m for n, m in fast.named_modules() if isinstance(m, CompressedConv)}
-    assert all(m.conv.out_channels % 8 == 0 for m in convs.values())  # no odd filter counts left
-    if not fold_bn:
-        # 16-channel layers and k above Cout/2 run dense; small k in wide layers keeps k filters
-        assert not convs["conv1"].gathered and convs["conv1"].conv.out_channels == 16
-        assert not convs["layer2.2.conv2"].gathered and not convs["layer3.2.conv2"].gathered
-        assert convs["layer2.1.conv1"].gathered and convs["layer2.1.conv1"].conv.out_channels == 8
-        assert convs["layer3.0.conv1"].gathered and convs["layer3.0.conv1"].conv.out_channels == 16
+    # 16-channel layers and k above Cout/2 run dense; small k in wide layers keeps its k filters
+    assert not convs["conv1"].gathered and convs["conv1"].conv.out_channels == 16
+    assert not convs["layer2.2.conv2"].gathered and not convs["layer3.2.conv2"].gathered
+    if not fold_bn:  # (with fold_bn a block's first conv is merged: k channels, nothing gathered)
+        assert convs["layer2.1.conv1"].gathered and convs["layer2.1.conv1"].conv.out_channels == 7
+        assert convs["layer3.0.conv1"].gathered and convs["layer3.0.conv1"].conv.out_channels == 13
     assert net.conv1.conv.out_channels == 5  # the input net is not mutated
 
 

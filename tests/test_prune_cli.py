@@ -172,6 +172,18 @@ def test_explorer_run_is_cached_and_leaves_the_base_model_alone(base_model, synt
     json.dumps(s)  # JSON-ready
 
 
+def test_explorer_preview_and_run_of_one_slider_move_prune_once(base_model, synthetic, monkeypatch):
+    ex = pipeline.Explorer(base_model, synthetic, "tiny")
+    calls = []
+    real = pipeline.prune
+    monkeypatch.setattr(pipeline, "prune", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = ClusteringConfig(recalibrate_bn=64).with_k("layer2.0.conv1", 5)
+    prev = ex.preview(cfg)
+    r = ex.run(cfg)
+    assert len(calls) == 1  # BN re-estimation (a pass over 64 training images) ran once, not twice
+    assert len(prev.predictions) == len(ex.engine.preview_index) and len(r.evaluation.predictions) == len(synthetic.test_labels)
+
+
 # ---------------------------------------------------------------- CLI happy paths (synthetic data)
 
 def test_cli_json_with_save(checkpoint, fake_data, tmp_path, capsys, base_model, synthetic):
