@@ -80,6 +80,11 @@ def save_torch(obj, path: str | os.PathLike) -> None:
     _atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
+def save_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to ``path`` atomically. Raises CheckpointError like :func:`save_torch`."""
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
 def save_json(obj, path: str | os.PathLike) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically. Raises CheckpointError like save_torch."""
     data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()

@@ -15,7 +15,10 @@ residual stream, which the option-A shortcut ties to its full width, so those al
 Cout channels. Kernel granularity yields no structural savings and is kept dense.
 
 MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (convs and the linear layer;
-MACs = FLOPs / 2); gathers and per-channel affines are not counted (< 0.2% of the total).
+MACs = FLOPs / 2; :func:`count_macs`, the project's only MAC counter); gathers and per-channel
+affines are not counted (< 0.2% of the total). Parameters are :func:`explorer.model.count_parameters`
+of the compressed net: conv filters, biases, per-channel affines and the classifier (the gather
+indices are int64 buffers, not parameters).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from torch import nn
 
 from . import checkpoints as ckpt
 from .clustering import Clustering, bn_affine
-from .model import BLOCKS_PER_STAGE, CONV_LAYERS, STAGE_WIDTHS, ResNet20
+from .model import BLOCKS_PER_STAGE, CONV_LAYERS, STAGE_WIDTHS, ResNet20, count_parameters
 
 COMPRESSED_ARCH = "resnet20-clustered"
 
@@ -140,6 +143,19 @@ class CompressedResNet20(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+def representatives(labels: torch.Tensor, scales: torch.Tensor, k: int) -> torch.Tensor:
+    """Index (k,) of the member with the largest scale in each of the k clusters, given labels
+    (Cout,) and per-filter scales (Cout,). The largest scale represents its cluster because a
+    zero-norm filter of the cosine metric would give 0/0 = NaN; a cluster of zero filters has the
+    zero direction."""
+    rep = torch.full((k,), -1, dtype=torch.long)
+    for i in range(len(labels)):
+        c = int(labels[i])
+        if rep[c] < 0 or scales[i] > scales[rep[c]]:
+            rep[c] = i
+    return rep
+
+
 def _conv_parts(model: ResNet20, clustering: Clustering | None, name: str, w_in: torch.Tensor | None = None):
     """(distinct filters D (k, Cin, 3, 3), labels (Cout,), A (Cout,), B (Cout,)) for one layer."""
     mods = dict(model.named_modules())
@@ -151,14 +167,7 @@ def _conv_parts(model: ResNet20, clustering: Clustering | None, name: str, w_in:
         return w, torch.arange(w.shape[0]), a.float(), b.float()
     labels = torch.as_tensor(res.labels, dtype=torch.long)
     scales = res.scales.float()
-    k = int(labels.max()) + 1
-    # The member with the largest scale represents its cluster (a zero-norm filter of the cosine
-    # metric would otherwise give 0/0 = NaN); a cluster of zero filters has the zero direction.
-    rep = torch.full((k,), -1, dtype=torch.long)
-    for i in range(len(labels)):
-        c = int(labels[i])
-        if rep[c] < 0 or scales[i] > scales[rep[c]]:
-            rep[c] = i
+    rep = representatives(labels, scales, int(labels.max()) + 1)
     s = scales[rep].view(-1, 1, 1, 1)
     d = torch.where(s > 0, w[rep] / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(w[rep]))
     return d, labels, (a * scales).float(), b.float()
@@ -282,7 +291,7 @@ def count_macs(model: nn.Module) -> int:
     """Multiply-accumulates per 32x32 image (``FlopCounterMode`` FLOPs / 2, convs + linear).
 
     For a CompressedResNet20 the count depends only on its specs, so it is memoised by them (the
-    app asks once per slider move)."""
+    app asks once per slider move, the search once per candidate; a new count costs about 10 ms)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     key = tuple(model.specs) if isinstance(model, CompressedResNet20) else None
@@ -298,12 +307,6 @@ def count_macs(model: nn.Module) -> int:
     if key is not None:
         _MACS_BY_SPECS[key] = macs
     return macs
-
-
-def count_params(model: nn.Module) -> int:
-    """Stored parameters: conv filters, biases, per-channel affines and the classifier (gather
-    indices are int64 buffers and not counted)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def measure_latency(model: nn.Module, batch: int, repeats: int = 10, warmup: int = 2) -> float:
@@ -356,7 +359,7 @@ def report(compressed: CompressedResNet20, baseline: nn.Module, latency_batches:
     the compressed net and the uncompressed ``baseline``. Latency keys: ``b{N}`` -> {compressed_s,
     baseline_s, speedup}."""
     if not _BASELINE_COUNTS:
-        _BASELINE_COUNTS.update(params=sum(p.numel() for p in baseline.parameters()), macs=count_macs(baseline))
+        _BASELINE_COUNTS.update(params=count_parameters(baseline), macs=count_macs(baseline))
     layers = [{"layer": s.name, "filters": s.filters, "in_channels": s.in_channels,
                "out_channels": s.out_channels, "gathered": s.gathered} for s in compressed.specs]
     lat = None
@@ -366,5 +369,5 @@ def report(compressed: CompressedResNet20, baseline: nn.Module, latency_batches:
             c = measure_latency(compressed, b, repeats)
             o = measure_latency(baseline, b, repeats)
             lat[f"b{b}"] = {"compressed_s": c, "baseline_s": o, "speedup": o / c}
-    return CompressionReport(count_params(compressed), _BASELINE_COUNTS["params"], count_macs(compressed),
+    return CompressionReport(count_parameters(compressed), _BASELINE_COUNTS["params"], count_macs(compressed),
                              _BASELINE_COUNTS["macs"], layers, lat)

@@ -15,7 +15,6 @@ that checkpoints record.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 from dataclasses import asdict, dataclass
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .digest import digest
 
 CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -131,18 +132,15 @@ def _is_image_folder(root: Path) -> bool:
 
 
 def _listing_key(files: list[Path], root: Path) -> str:
-    h = hashlib.sha256()
+    lines = []
     for f in files:
         st = f.stat()
-        h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+        lines.append(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n")
+    return digest(*lines, algorithm="sha256", length=16)
 
 
 def _content_fingerprint(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
+    return digest(*arrays, algorithm="sha256", length=16)
 
 
 def _read_batches(batches: Path) -> dict[str, np.ndarray]:

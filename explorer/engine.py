@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import math
 import os
 import threading
@@ -63,6 +62,7 @@ import torch.nn.functional as F
 
 from .compress import CompressedConv, CompressedResNet20
 from .data import normalize
+from .digest import digest
 from .evaluate import Evaluation, evaluation_from_predictions
 
 DEFAULT_CACHE_MB = int(os.environ.get("EXPLORER_ACTIVATION_CACHE_MB", "1408"))
@@ -170,14 +170,13 @@ def inference_form(net: CompressedResNet20) -> CompressedResNet20:
 
 def unit_digests(net: CompressedResNet20) -> list[str]:
     """Chained sha1 digests of the 10 units: digest u identifies the function images -> unit u output."""
-    out, prev = [], b""
+    out, prev = [], ""
     for u in units(net):
-        h = hashlib.sha1(prev)
+        parts = [prev]
         for k, v in u.state_dict().items():
-            h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode())
-            h.update(v.detach().contiguous().cpu().numpy().tobytes())
-        prev = h.digest()
-        out.append(h.hexdigest())
+            parts += [f"{k}{tuple(v.shape)}{v.dtype}", v]
+        prev = digest(*parts)
+        out.append(prev)
     return out
 
 

@@ -1,12 +1,16 @@
 """Evaluation on the CIFAR-10 test split: top-1, per-class accuracy and confusion matrix
-(``sklearn.metrics``), and deltas against a baseline that read like "bird: 74.0% -> 71.0% (-3.0)".
+(``sklearn.metrics``), deltas against a baseline that read like "bird: 74.0% -> 71.0% (-3.0)",
+and the one per-class table builder (:func:`per_class_table`) behind every per-class table of the
+CLIs, the report, fine-tuning metadata and the app.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.metrics import confusion_matrix
 
@@ -60,12 +64,38 @@ class Evaluation:
     predictions: np.ndarray
     classes: tuple[str, ...] = CLASSES
 
+    def per_class_dict(self) -> dict[str, float]:
+        """{class name: accuracy fraction}, in class order (the JSON form of the result files)."""
+        return {c: float(a) for c, a in zip(self.classes, self.per_class)}
+
     def to_dict(self) -> dict:
-        return {
-            "top1": self.top1,
-            "per_class": {c: float(a) for c, a in zip(self.classes, self.per_class)},
-            "confusion": self.confusion.tolist(),
-        }
+        return {"top1": self.top1, "per_class": self.per_class_dict(), "confusion": self.confusion.tolist()}
+
+
+def per_class_table(columns: Mapping[str, "Evaluation | Mapping[str, float] | Sequence[float]"],
+                    baseline: str | None = None, classes: Sequence[str] = CLASSES) -> pd.DataFrame:
+    """One row per class: a ``class`` column, then one column per entry of ``columns`` (accuracy
+    fractions from an :class:`Evaluation`, a ``{class: fraction}`` mapping or a sequence in class
+    order; ``None`` entries are left out). With ``baseline`` (a key of ``columns``), each other
+    column also gets its change against it (fractions): ``delta`` when there is one other column,
+    else ``delta <name>``.
+
+    Raises KeyError when a mapping lacks a class or ``baseline`` is not a column.
+    """
+    table = pd.DataFrame({"class": list(classes)})
+    for name, values in columns.items():
+        if values is None:
+            continue
+        if isinstance(values, Evaluation):
+            values = values.per_class
+        elif isinstance(values, Mapping):
+            values = [values[c] for c in classes]
+        table[name] = np.asarray(values, dtype=np.float64)
+    if baseline is not None:
+        others = [n for n in table.columns[1:] if n != baseline]
+        for name in others:
+            table["delta" if len(others) == 1 else f"delta {name}"] = table[name] - table[baseline]
+    return table
 
 
 def evaluation_from_predictions(predictions, labels, classes: tuple[str, ...] = CLASSES) -> Evaluation:
@@ -109,12 +139,13 @@ class Comparison:
     def confusion_delta(self) -> np.ndarray:
         return self.pruned.confusion.astype(np.int64) - self.baseline.confusion.astype(np.int64)
 
+    def table(self) -> pd.DataFrame:
+        """:func:`per_class_table` of baseline and pruned: columns class, baseline, pruned, delta."""
+        return per_class_table({"baseline": self.baseline, "pruned": self.pruned}, "baseline", self.baseline.classes)
+
     def rows(self) -> list[dict]:
-        """One dict per class: class, baseline, pruned, delta (fractions)."""
-        return [
-            {"class": c, "baseline": float(b), "pruned": float(p), "delta": float(p - b)}
-            for c, b, p in zip(self.baseline.classes, self.baseline.per_class, self.pruned.per_class)
-        ]
+        """One dict per class: class, baseline, pruned, delta (fractions), as :meth:`table`."""
+        return self.table().to_dict("records")
 
     def lines(self) -> list[str]:
         """Human-readable lines, e.g. ``bird: 74.0% -> 71.0% (-3.0)``, then the overall top-1."""

@@ -158,5 +158,7 @@ def conv_layer(name: str) -> ConvLayer:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters (BatchNorm affine included, running stats excluded)."""
+    """Number of parameters of any module (ResNet20: 269,722; BatchNorm affines included, running
+    statistics and other buffers excluded). The project's only parameter counter: the compressed
+    net's "unique parameters" are this count of :class:`explorer.compress.CompressedResNet20`."""
     return sum(p.numel() for p in model.parameters())

@@ -33,7 +33,6 @@ Nothing here imports Streamlit or torch.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import warnings
@@ -42,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .digest import digest
 from .lru import LRUCache
 
 METHODS: tuple[str, ...] = ("umap", "pca")
@@ -84,7 +84,7 @@ def umap_neighbors(n_points: int) -> int:
 
 def _digest(a: np.ndarray) -> str:
     a = np.ascontiguousarray(a, dtype=np.float32)
-    return hashlib.sha1(str(a.shape).encode() + a.tobytes()).hexdigest()
+    return digest(str(a.shape), a)
 
 
 _FITS = LRUCache(64)

@@ -1,9 +1,9 @@
-"""Altair chart builders for the analysis results (no Streamlit imports): used by
-``python -m explorer.report`` and by the app's Analysis page.
+"""Altair chart builders for the analysis results (no Streamlit imports): used by the report
+(:mod:`.report`) and by the app's Analysis page (:mod:`explorer.app.analysis_page`).
 
-Inputs are the tidy pandas DataFrames of :func:`explorer.sensitivity.load_sensitivity`,
-:func:`explorer.search.pareto_table` and the small frames built by :mod:`explorer.report`.
-Conventions as in :mod:`explorer.ui.charts`: accuracies are fractions in data and shown as
+Inputs are the tidy pandas DataFrames of :func:`.sensitivity.load_sensitivity`,
+:func:`.search.pareto_table` and the small frames built by :mod:`.report`.
+Conventions as in :mod:`explorer.app.charts`: accuracies are fractions in data and shown as
 percentages; accuracy differences are percentage points (pp); MACs are per 32x32 image.
 Every builder returns an ``altair`` chart; none needs a network to build (viewing Altair HTML
 loads the Vega JavaScript from a CDN; PNG/SVG export needs ``vl-convert-python``).
@@ -13,8 +13,8 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
-from .data import CLASSES
-from .model import CONV_LAYER_NAMES
+from ..data import CLASSES
+from ..model import CONV_LAYER_NAMES
 
 LAYER_ORDER = list(CONV_LAYER_NAMES)
 SOURCE_COLORS = {"greedy": "#e4572e", "uniform": "#4c78a8", "fine-tuned": "#2e9e4f", "baseline": "#9aa5b1"}
@@ -27,7 +27,7 @@ def _title(text: str, subtitle: str | None = None):
 def sensitivity_heatmap(df: pd.DataFrame, title: str = "Sensitivity: points lost when only one layer is clustered",
                         subtitle: str | None = None, clip: float | None = None) -> alt.Chart:
     """Layer (rows, forward order) x k (columns) -> top-1 points lost (colour, text). ``df``: rows of
-    one option set from :func:`explorer.sensitivity.load_sensitivity` (columns layer, k, drop_pts,
+    one option set from :func:`.sensitivity.load_sensitivity` (columns layer, k, drop_pts,
     top1, filters, mac_reduction). ``clip`` caps the colour scale (text keeps the real value)."""
     d = df[["layer", "k", "drop_pts", "top1", "filters", "mac_reduction"]].copy()
     d["label"] = d["drop_pts"].map(lambda v: f"{v:.1f}")
@@ -83,7 +83,7 @@ def metric_sensitivity_chart(df: pd.DataFrame, title: str = "Euclidean vs cosine
 
 def pareto_chart(df: pd.DataFrame, baseline_top1: float | None = None, x: str = "macs",
                  title: str = "Accuracy vs MACs of the compressed net") -> alt.Chart:
-    """Every verified configuration (``df`` from :func:`explorer.search.pareto_table`, columns
+    """Every verified configuration (``df`` from :func:`.search.pareto_table`, columns
     source, top1, macs, params, drop_pts, mac_reduction, config; plus any extra rows such as
     fine-tuned results) as points coloured by source, the Pareto front as a step line, and the
     baseline top-1 as a rule. ``x``: "macs" or "params"."""

@@ -1,6 +1,6 @@
-"""Shared plumbing of the analysis CLIs (:mod:`explorer.sensitivity`, :mod:`explorer.search`,
-:mod:`explorer.report`, :mod:`explorer.finetune`): building an :class:`~explorer.pipeline.Explorer`
-from command-line flags, and resumable JSON result files.
+"""Resumable JSON result files of the analyses (:mod:`.sensitivity`, :mod:`.search`, :mod:`.report`),
+the one cached evaluator they share (:class:`Evaluations`), and the exact fp32
+:class:`~explorer.pipeline.Explorer` they measure with (:func:`make_explorer`).
 
 A result file is one JSON object ``{"header": {...}, ...}`` rewritten atomically (temp file +
 rename, :func:`explorer.checkpoints.save_json`) after every new result, so an interrupted run loses
@@ -11,17 +11,19 @@ dataset raises :class:`ResultsMismatch` instead of silently mixing numbers.
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import os
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from . import checkpoints as ckpt
-from .data import CLASSES, CIFAR10Tensors, DatasetIdentity, load_cifar10, synthetic_cifar10
-from .engine import stratified_subset
+from .. import checkpoints as ckpt
+from ..data import CIFAR10Tensors, DatasetIdentity, load_cifar10, synthetic_cifar10
+from ..digest import state_digest
+from ..engine import stratified_subset
 
 RESULTS_VERSION = 1
 
@@ -31,16 +33,8 @@ class ResultsMismatch(RuntimeError):
     start over."""
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha1 (hex, 16 chars) over the model's state dict (names, shapes and float32 bytes)."""
-    h = hashlib.sha1()
-    for k, v in model.state_dict().items():
-        h.update(f"{k}{tuple(v.shape)}".encode())
-        h.update(v.detach().float().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def default_checkpoint() -> str:
+    """``checkpoints/resnet20_cifar10.pt``, the shipped checkpoint every command defaults to."""
     return str(ckpt.DEFAULT_DIR / f"{ckpt.DEFAULT_NAME}.pt")
 
 
@@ -48,21 +42,6 @@ def beside(checkpoint: str | os.PathLike, suffix: str) -> Path:
     """``checkpoints/<name>.pt`` -> ``checkpoints/<name><suffix>`` (e.g. ``.sensitivity.json``)."""
     p = Path(checkpoint)
     return p.with_name(p.stem + suffix)
-
-
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    """--checkpoint, --data, --test-per-class, --threads, --cache-mb and the hidden --synthetic."""
-    p.add_argument("--checkpoint", default=default_checkpoint(),
-                   help="ResNet20 state dict (.pt) to analyse (default: the shipped checkpoint)")
-    p.add_argument("--data", default=None, help="local CIFAR-10 directory (default $EXPLORER_DATA, else download)")
-    p.add_argument("--test-per-class", type=int, default=0, metavar="N",
-                   help="evaluate on a fixed stratified subset of N test images per class instead of the full "
-                        "test split (quick trial runs; the result file records the subset and refuses to mix)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--cache-mb", type=int, default=None,
-                   help="activation cache of the evaluation engine in MB (default $EXPLORER_ACTIVATION_CACHE_MB "
-                        "or 1408; 3072 also keeps more stage-1 outputs, which speeds up sweeps of stage-1 layers)")
-    p.add_argument("--synthetic", type=int, default=0, help=argparse.SUPPRESS)
 
 
 def load_data(data_root: str | None, test_per_class: int = 0, synthetic: int = 0) -> CIFAR10Tensors:
@@ -84,19 +63,9 @@ def make_explorer(model: torch.nn.Module, data: CIFAR10Tensors, name: str, cache
     sweeps visit many badly damaged nets, whose small logit margins send a large share of the test
     images through fp32 re-checks; the fp32 path reuses the cached upstream activations instead and
     is exact throughout."""
-    from .pipeline import Explorer
+    from ..pipeline import Explorer
 
     return Explorer(model, data, name, activation_cache_mb=cache_mb, mixed=False)
-
-
-def explorer_from_args(args):
-    """An fp32 :func:`make_explorer` for ``args.checkpoint`` on the data the flags select. Raises
-    CheckpointError or DataNotFoundError."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = ckpt.load_model(args.checkpoint)
-    data = load_data(args.data, args.test_per_class, args.synthetic)
-    return make_explorer(model, data, Path(args.checkpoint).stem, args.cache_mb)
 
 
 def header(explorer, **extra) -> dict:
@@ -105,11 +74,11 @@ def header(explorer, **extra) -> dict:
     return {
         "version": RESULTS_VERSION,
         "checkpoint": explorer.name,
-        "weights_sha1": weights_digest(explorer.model),
+        "weights_sha1": state_digest(explorer.model),
         "dataset": explorer.data.identity.to_dict(),
         "test_images": int(len(explorer.data.test_labels)),
         "baseline_top1": b.top1,
-        "baseline_per_class": {c: float(a) for c, a in zip(CLASSES, b.per_class)},
+        "baseline_per_class": b.per_class_dict(),
         **extra,
     }
 
@@ -140,3 +109,35 @@ def open_results(path: str | os.PathLike, head: dict, restart: bool = False) -> 
 def save_results(doc: dict, path: str | os.PathLike) -> None:
     """Atomic rewrite of a result file. Raises CheckpointError on I/O errors."""
     ckpt.save_json(doc, path)
+
+
+class Evaluations:
+    """``explorer.run`` with every result kept in ``doc[store]`` (keyed by the configuration and the
+    latency batches) and ``save()`` called after each new one, so an interrupted analysis loses at
+    most the evaluation it was computing and a rerun replays the rest for free. ``record`` turns a
+    :class:`~explorer.pipeline.PruneResult` into the stored JSON (``PruneResult.summary`` by
+    default); ``new`` counts the evaluations made by this object. Used by the search (records of
+    :func:`explorer.analysis.search.evaluation_record`) and the report (summaries)."""
+
+    def __init__(self, explorer, doc: dict, save: Callable[[], None], store: str = "runs",
+                 record: Callable | None = None, progress: bool = False):
+        self.explorer, self.save, self.progress = explorer, save, progress
+        self.store = doc.setdefault(store, {})
+        self.record = record or (lambda result, source: result.summary())
+        self.new = 0
+
+    def __call__(self, config, source: str = "", latency: tuple[int, ...] = ()) -> dict:
+        key = config.key() + (f"|latency={list(latency)}" if latency else "")
+        hit = self.store.get(key)
+        if hit is None:
+            t = time.perf_counter()
+            hit = self.record(self.explorer.run(config, latency_batches=latency), source)
+            hit["seconds"] = round(time.perf_counter() - t, 3)
+            self.store[key] = hit
+            self.new += 1
+            self.save()
+            if self.progress:
+                print(f"  evaluated {len(config.active)} layers ({config.metric}, {config.granularity}, "
+                      f"recalibrate_bn={config.recalibrate_bn}): top-1 {100 * hit['top1']:.2f}% "
+                      f"in {hit['seconds']:.0f} s", file=sys.stderr)
+        return hit

@@ -1,0 +1,308 @@
+"""Per-layer k under an accuracy budget (:func:`run_search`; command line: ``python -m explorer.search``).
+
+Goal: choose k for every conv layer so that the compressed net (:mod:`explorer.compress`) has as
+few MACs per image as possible (``objective="params"``: unique parameters) while its top-1 on the
+test split is at most ``budget`` accuracy points below the unclustered checkpoint.
+
+Method (greedy with verification, deterministic):
+
+1. Sensitivity table. The single-layer sweep of :mod:`.sensitivity` for the same options gives
+   drop[L][k], the points lost when only layer L is clustered to k (missing points are swept first).
+2. Start from the unclustered net (verified drop 0). A *move* lowers one layer L from its current
+   k to a lower grid value k'. Its estimated cost is max(0, drop[L][k'] - drop[L][k]) (layers
+   assumed additive); its gain is the exact objective saved (:class:`CostModel`).
+3. Among moves whose estimated total (verified drop so far + estimated cost) is within the budget,
+   take the one with the largest gain / (estimated cost + tau) (tau = 0.05 points, so free moves
+   are ranked by their gain), and verify it by a full evaluation (exact fp32, whole test split).
+4. Accept the move if the verified drop is within the budget. Otherwise back off: layer L may from
+   then on only take ks above k'. Repeat from 3 until no move is left or ``max_evals`` is spent.
+
+The best configuration is the accepted one with the lowest objective; every verified configuration
+is kept, so the result file also gives the accuracy-vs-MACs Pareto front. For comparison the
+uniform configurations ``ClusteringConfig.uniform(k)`` are evaluated with the same options.
+Resumable like the sensitivity sweep (``checkpoints/<name>.search.json``): the greedy is
+deterministic, so a rerun replays the finished part from the file. :func:`best_config` answers
+"the best configuration for budget X" (the app's "apply best configuration for budget X").
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .. import checkpoints as ckpt
+from ..clustering import ClusteringConfig, ClusteringError, apply, cluster_model
+from ..compress import compress, count_macs
+from ..model import CONV_LAYER_NAMES, conv_layer, count_parameters
+from .results import Evaluations, header, open_results, save_results
+from .sensitivity import K_GRID, SUFFIX as SENS_SUFFIX, drop_table, load_sensitivity, options_key, sweep
+
+SUFFIX = ".search.json"
+OBJECTIVES = ("macs", "params")
+UNIFORM_KS = (1, 2, 3, 4, 8, 16, 32)
+DEFAULT_TAU = 0.05
+
+
+# ---------------------------------------------------------------- costs and evaluations
+
+class CostModel:
+    """Exact MACs and parameters of the compressed net for a configuration, without evaluating it
+    (k-means is cached by :func:`explorer.clustering.cluster_model`; BN re-estimation is skipped
+    because it does not change the structure). Memoised per configuration key."""
+
+    def __init__(self, model):
+        self.model = model
+        self._memo: dict[str, dict] = {}
+
+    def __call__(self, config: ClusteringConfig) -> dict:
+        key = replace(config, recalibrate_bn=0).key()
+        hit = self._memo.get(key)
+        if hit is None:
+            cfg = replace(config, recalibrate_bn=0)
+            clustering = cluster_model(self.model, cfg)
+            small = compress(apply(self.model, clustering), clustering)
+            hit = {"macs": count_macs(small), "params": count_parameters(small)}
+            self._memo[key] = hit
+        return hit
+
+
+def evaluation_record(result, source: str) -> dict:
+    """JSON-ready record of one verified configuration (a PruneResult)."""
+    c = result.compression
+    return {
+        "config": result.config.to_dict(), "source": source,
+        "top1": result.evaluation.top1, "top1_delta": result.comparison.top1_delta,
+        "drop_pts": -100.0 * result.comparison.top1_delta + 0.0,
+        "per_class": result.evaluation.per_class_dict(),
+        "macs": c.macs, "params": c.params, "baseline_macs": c.baseline_macs, "baseline_params": c.baseline_params,
+        "mac_reduction": c.mac_reduction, "compression_ratio": c.compression_ratio,
+    }
+
+
+# ---------------------------------------------------------------- greedy
+
+@dataclass
+class GreedyResult:
+    """Outcome of one greedy run: best (lowest objective) accepted configuration and the log."""
+
+    budget: float
+    objective: str
+    best: dict | None
+    accepted: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    evaluations: int = 0
+    exhausted: bool = False
+    feasible: bool = True
+
+    def to_dict(self) -> dict:
+        return {"budget": self.budget, "objective": self.objective, "best": self.best,
+                "accepted": self.accepted, "rejected": self.rejected, "evaluations": self.evaluations,
+                "stopped_by_max_evals": self.exhausted, "feasible": self.feasible}
+
+
+def greedy(evaluate, cost, drops: dict[str, dict[int, float]], options: ClusteringConfig, budget: float,
+           objective: str = "macs", tau: float = DEFAULT_TAU, max_evals: int = 200,
+           layers: list[str] | None = None) -> GreedyResult:
+    """The greedy of the module doc. ``evaluate(config, source) -> record`` verifies a
+    configuration (record has ``drop_pts`` and the objective); ``cost(config) -> {"macs", "params"}``
+    is exact structure cost; ``drops[layer][k]`` is the single-layer sensitivity (points lost).
+    Layers without sensitivity data are left unclustered. ``max_evals`` bounds the number of
+    verifications (replayed ones count too, so a resumed run takes the same path)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}")
+    layers = [n for n in (layers or CONV_LAYER_NAMES) if n in drops]
+    config = replace(options, ks={})
+    current = evaluate(config, "greedy")
+    res = GreedyResult(budget, objective, {**current, "step": 0})
+    if current["drop_pts"] > budget:
+        # The options alone (BN re-estimation of the unclustered net) already cost more than the
+        # budget: nothing is feasible.
+        res.best, res.feasible = None, False
+        return res
+    floor = {n: 0 for n in layers}  # a layer may only take ks above its floor (after a back-off)
+    n_eval = 0
+    while True:
+        cur_cost = cost(config)[objective]
+        best = None
+        for name in layers:
+            n = conv_layer(name).filters
+            k_cur = config.ks.get(name, n)
+            d_cur = drops[name].get(k_cur, 0.0)  # k = n is the measured reference point
+            for k_new in sorted(drops[name]):
+                if not floor[name] < k_new < k_cur:
+                    continue
+                est = max(0.0, drops[name][k_new] - d_cur)
+                if current["drop_pts"] + est > budget:
+                    continue
+                cand = config.with_k(name, k_new)
+                gain = cur_cost - cost(cand)[objective]
+                if gain <= 0:
+                    continue
+                score = (gain / (est + tau), gain, -CONV_LAYER_NAMES.index(name), -k_new)
+                if best is None or score > best[0]:
+                    best = (score, name, k_new, est, gain, cand)
+        if best is None:
+            break
+        if n_eval >= max_evals:
+            res.exhausted = True
+            break
+        _, name, k_new, est, gain, cand = best
+        rec = evaluate(cand, "greedy")
+        n_eval += 1
+        step = {"layer": name, "k": k_new, "estimated_cost_pts": est, "gain": gain, "drop_pts": rec["drop_pts"],
+                objective: rec[objective], "config": rec["config"]}
+        if rec["drop_pts"] <= budget:
+            config, current = cand, rec
+            res.accepted.append(step)
+            if rec[objective] < res.best[objective] or (rec[objective] == res.best[objective]
+                                                        and rec["drop_pts"] < res.best["drop_pts"]):
+                res.best = {**rec, "step": len(res.accepted)}
+        else:
+            floor[name] = k_new
+            res.rejected.append(step)
+    res.evaluations = n_eval
+    return res
+
+
+def uniform_configs(options: ClusteringConfig, ks=UNIFORM_KS) -> list[ClusteringConfig]:
+    """``ClusteringConfig.uniform(k)`` with ``options``' metric, granularity and BN options."""
+    o = options.to_dict()
+    o.pop("ks")
+    return [ClusteringConfig.uniform(k, **o).validate() for k in ks]
+
+
+def pareto_front(records: list[dict], x: str = "macs") -> list[dict]:
+    """Non-dominated records: no other has lower-or-equal ``x`` and higher-or-equal top-1 with one
+    strictly better. Sorted by ``x`` ascending."""
+    pts = sorted(records, key=lambda r: (r[x], -r["top1"]))
+    out, best_top1 = [], -1.0
+    for r in pts:
+        if r["top1"] > best_top1:
+            out.append(r)
+            best_top1 = r["top1"]
+    return out
+
+
+# ---------------------------------------------------------------- driver
+
+def run_search(explorer, path: str | Path, budgets: list[float], options: ClusteringConfig,
+               objective: str = "macs", sensitivity_path: str | Path | None = None,
+               uniform_ks=UNIFORM_KS, tau: float = DEFAULT_TAU, max_evals: int = 200, restart: bool = False,
+               progress: bool = True, layers: list[str] | None = None, grid=K_GRID) -> dict:
+    """Sweep missing sensitivity points, run the greedy for each budget, evaluate the uniform
+    configurations, and write everything to ``path``. Returns the result document:
+    ``{"header", "evaluations": {config key: record}, "runs": {run key: GreedyResult dict},
+    "uniform": [config keys], "pareto": {"macs": [...], "params": [...]}}``.
+
+    Raises ResultsMismatch (file from other weights/data), ClusteringError (bad options).
+    """
+    options = replace(options, ks={}).validate()
+    if options.granularity != "filter":
+        raise ClusteringError("search needs granularity 'filter' (kernel clustering has no structural savings)")
+    if objective not in OBJECTIVES:
+        raise ClusteringError(f"objective must be one of {OBJECTIVES}")
+    path = Path(path)
+    sensitivity_path = Path(sensitivity_path) if sensitivity_path else path.with_name(
+        path.name.replace(SUFFIX, SENS_SUFFIX) if path.name.endswith(SUFFIX) else path.stem + SENS_SUFFIX)
+    sweep(explorer, sensitivity_path, layers, [options], grid, progress=progress)
+    drops = drop_table(load_sensitivity(sensitivity_path), options)
+
+    doc = open_results(path, header(explorer), restart=restart)
+    doc["header"]["sensitivity_file"] = sensitivity_path.name
+    ev = Evaluations(explorer, doc, lambda: save_results(doc, path), store="evaluations", record=evaluation_record)
+    cost = CostModel(explorer.model)
+    runs = doc.setdefault("runs", {})
+    t0 = time.perf_counter()
+    for b in budgets:
+        rk = run_key(b, objective, options)
+        r = greedy(ev, cost, drops, options, b, objective, tau, max_evals, layers)
+        runs[rk] = {**r.to_dict(), "options": options_key(options), "tau": tau}
+        save_results(doc, path)
+        if progress and r.best is None:
+            print(f"budget {b:g} pts: infeasible - these options alone cost more than the budget", file=sys.stderr)
+        elif progress:
+            best = r.best
+            print(f"budget {b:g} pts: best {objective} {best[objective]:,} ({100 * best['mac_reduction']:.1f}% fewer "
+                  f"MACs), verified drop {best['drop_pts']:.2f} pts; {r.evaluations} evaluations "
+                  f"({ev.new} new, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    uni = doc.setdefault("uniform", [])
+    for cfg in uniform_configs(options, uniform_ks):
+        ev(cfg, "uniform")
+        if cfg.key() not in uni:
+            uni.append(cfg.key())
+    recs = list(doc["evaluations"].values())
+    doc["pareto"] = {x: [{k: r[k] for k in ("config", "source", "top1", "drop_pts", "macs", "params", "mac_reduction")}
+                         for r in pareto_front(recs, x)] for x in OBJECTIVES}
+    save_results(doc, path)
+    return doc
+
+
+def run_key(budget: float, objective: str, options: ClusteringConfig) -> str:
+    return f"{objective}|{budget:g}|{options_key(options)}"
+
+
+# ---------------------------------------------------------------- readers for the app and the report
+
+def load_search(path: str | Path) -> dict:
+    """The result document written by :func:`run_search`. Raises CheckpointError if unreadable."""
+    return ckpt.read_json(path)
+
+
+def best_record(path_or_doc, budget: float, objective: str = "macs", options: ClusteringConfig | None = None
+                ) -> dict | None:
+    """The verified evaluation with the lowest ``objective`` whose drop is at most ``budget``
+    points (ties: smaller drop), among all evaluations in the file (greedy steps, back-offs and
+    uniform configurations) - optionally only those with ``options``' clustering options. None when
+    no clustered configuration qualifies."""
+    doc = load_search(path_or_doc) if not isinstance(path_or_doc, dict) else path_or_doc
+    ok = []
+    for r in doc.get("evaluations", {}).values():
+        if not r["config"]["ks"] or r["drop_pts"] > budget + 1e-9:
+            continue
+        if options is not None and options_key(ClusteringConfig.from_dict(r["config"])) != options_key(options):
+            continue
+        ok.append(r)
+    if not ok:
+        return None
+    return min(ok, key=lambda r: (r[objective], r["drop_pts"]))
+
+
+def most_accurate_record(path_or_doc, min_reduction: float, objective: str = "macs") -> dict | None:
+    """The verified evaluation with the highest top-1 among those that save at least
+    ``min_reduction`` (a fraction) of the baseline's MACs (``objective="params"``: of its
+    parameters) - the starting point to fine-tune for a compression target. None if none does."""
+    doc = load_search(path_or_doc) if not isinstance(path_or_doc, dict) else path_or_doc
+    ok = [r for r in doc.get("evaluations", {}).values()
+          if (1 - r[objective] / r[f"baseline_{objective}"]) >= min_reduction - 1e-12]
+    return max(ok, key=lambda r: (r["top1"], -r[objective])) if ok else None
+
+
+def best_config(path, budget: float, objective: str = "macs", options: ClusteringConfig | None = None
+                ) -> ClusteringConfig | None:
+    """:func:`best_record`'s configuration as a ClusteringConfig (None if none qualifies). Raises
+    CheckpointError when the file is missing or unreadable."""
+    r = best_record(path, budget, objective, options)
+    return None if r is None else ClusteringConfig.from_dict(r["config"])
+
+
+def pareto_table(path_or_doc):
+    """All verified evaluations as a pandas DataFrame (columns source, top1, drop_pts, macs, params,
+    mac_reduction, compression_ratio, metric, fold_bn, recalibrate_bn, layers_clustered, config,
+    pareto_macs, pareto_params)."""
+    import pandas as pd
+
+    doc = load_search(path_or_doc) if not isinstance(path_or_doc, dict) else path_or_doc
+    recs = list(doc.get("evaluations", {}).values())
+    front = {x: {json.dumps(r["config"], sort_keys=True) for r in pareto_front(recs, x)} for x in OBJECTIVES} if recs else {}
+    rows = []
+    for r in recs:
+        key = json.dumps(r["config"], sort_keys=True)
+        rows.append({"source": r["source"], "top1": r["top1"], "drop_pts": r["drop_pts"], "macs": r["macs"],
+                     "params": r["params"], "mac_reduction": r["mac_reduction"],
+                     "compression_ratio": r["compression_ratio"], "metric": r["config"]["metric"],
+                     "fold_bn": r["config"]["fold_bn"], "recalibrate_bn": r["config"]["recalibrate_bn"],
+                     "layers_clustered": len(r["config"]["ks"]), "config": json.dumps(r["config"]["ks"]),
+                     "pareto_macs": key in front.get("macs", ()), "pareto_params": key in front.get("params", ())})
+    return pd.DataFrame(rows)

@@ -1,0 +1,97 @@
+"""``python -m explorer.search``: per-layer k minimising MACs under a top-1 budget (:func:`explorer.analysis.search.run_search`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import checkpoints as ckpt
+from ..analysis.results import beside
+from ..analysis.search import (DEFAULT_TAU, OBJECTIVES, SUFFIX, UNIFORM_KS, most_accurate_record, run_key,
+                               run_search)
+from ..analysis.sensitivity import SUFFIX as SENS_SUFFIX
+from ..clustering import ClusteringConfig, ClusteringError
+from ..model import CONV_LAYER_NAMES
+from .common import add_analysis_args, add_clustering_args, clustering_options, explorer_from_args, parser, run
+
+EXAMPLES = """
+python -m explorer.search --budget 0.5 1 2        # one greedy run per budget (accuracy points)
+python -m explorer.search --fold-bn --budget 5 10 20 40 --target-reduction 0.42 --write-config cfg.json
+"""
+
+
+def build_parser():
+    p = parser("search", "Choose k per layer to minimise MACs (or parameters) within a top-1 budget: greedy, "
+                         "every step verified on the test split (resumable: checkpoints/<name>.search.json).",
+               EXAMPLES)
+    add_analysis_args(p)
+    p.add_argument("--budget", type=float, nargs="+", default=[1.0], metavar="PTS",
+                   help="allowed top-1 drop in accuracy points (several: one greedy run each)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="macs", help="what to minimise")
+    add_clustering_args(p, granularity=False)
+    p.add_argument("--tau", type=float, default=DEFAULT_TAU, help="points added to every estimated cost when ranking moves")
+    p.add_argument("--max-evals", type=int, default=200, help="verifications per budget at most")
+    p.add_argument("--uniform-ks", type=int, nargs="*", default=list(UNIFORM_KS), metavar="K",
+                   help="uniform configurations to evaluate for comparison")
+    p.add_argument("--layers", nargs="+", default=None, metavar="NAME", help="only cluster these layers")
+    p.add_argument("--sensitivity", default=None, help="sensitivity file (default: checkpoints/<name>.sensitivity.json)")
+    p.add_argument("--out", default=None, help="result file (default: checkpoints/<name>.search.json)")
+    p.add_argument("--write-config", default=None, metavar="FILE",
+                   help="write the best configuration for the first budget as JSON (for explorer.finetune / prune)")
+    p.add_argument("--target-reduction", type=float, default=None, metavar="FRACTION",
+                   help="with --write-config: write instead the most accurate verified configuration that saves at "
+                        "least this fraction of MACs (or params), e.g. 0.45 - a start for fine-tuning")
+    p.add_argument("--restart", action="store_true", help="discard an existing result file")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def print_table(doc: dict, budgets: list[float], objective: str, options: ClusteringConfig) -> None:
+    print(f"{'budget':>8}  {'top-1':>7}  {'drop':>6}  {'MACs':>12}  {'fewer':>6}  {'params':>8}  ks")
+    for b in budgets:
+        r = doc["runs"][run_key(b, objective, options)]["best"]
+        if r is None:
+            print(f"{b:8g}  infeasible: the options alone cost more than the budget")
+            continue
+        print(f"{b:8g}  {100 * r['top1']:6.2f}%  {r['drop_pts']:6.2f}  {r['macs']:12,}  "
+              f"{100 * r['mac_reduction']:5.1f}%  {r['params']:8,}  {r['config']['ks']}")
+    for key in doc.get("uniform", []):
+        r = doc["evaluations"][key]
+        ks = sorted(set(r["config"]["ks"].values())) or ["-"]
+        print(f"{'uniform':>8}  {100 * r['top1']:6.2f}%  {r['drop_pts']:6.2f}  {r['macs']:12,}  "
+              f"{100 * r['mac_reduction']:5.1f}%  {r['params']:8,}  k = {ks[-1]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out) if args.out else beside(args.checkpoint, SUFFIX)
+    sens = Path(args.sensitivity) if args.sensitivity else beside(args.checkpoint, SENS_SUFFIX)
+
+    def body() -> int:
+        if any(b < 0 for b in args.budget):
+            raise ClusteringError("--budget must be >= 0 points")
+        options = clustering_options(args)
+        for name in args.layers or []:
+            if name not in CONV_LAYER_NAMES:
+                raise ClusteringError(f"unknown conv layer {name!r}; valid names: {', '.join(CONV_LAYER_NAMES)}")
+        explorer = explorer_from_args(args)
+        doc = run_search(explorer, out, args.budget, options, args.objective, sens, args.uniform_ks, args.tau,
+                         args.max_evals, args.restart, not args.quiet, args.layers)
+        print_table(doc, args.budget, args.objective, options)
+        if args.write_config:
+            r = doc["runs"][run_key(args.budget[0], args.objective, options)]["best"]
+            if r is None and args.target_reduction is None:
+                raise ClusteringError(f"budget {args.budget[0]:g} is infeasible; nothing to write")
+            if args.target_reduction is not None:
+                r = most_accurate_record(doc, args.target_reduction, args.objective)
+                if r is None:
+                    raise ClusteringError(f"no verified configuration saves {100 * args.target_reduction:.0f}% of "
+                                          f"{args.objective}; rerun with a larger --budget")
+                print(f"target {100 * args.target_reduction:.0f}%: {100 * r['mac_reduction']:.1f}% fewer MACs at "
+                      f"{r['drop_pts']:.2f} pts lost before fine-tuning")
+            ckpt.save_json(ClusteringConfig.from_dict(r["config"]).to_dict(), args.write_config)
+            print(f"wrote {args.write_config}")
+        print(f"results: {out}")
+        return 0
+
+    return run(body, f"interrupted; rerun the same command to continue ({out} holds the finished evaluations)")
+
+

@@ -1,0 +1,227 @@
+"""Fine-tune a clustered ResNet20 so that it stays clustered (:func:`finetune`; command line:
+``python -m explorer.finetune``).
+
+Clustering every filter of a layer to one of k centroids (:mod:`explorer.clustering`) costs
+accuracy; a few epochs of training win most of it back (FPGM, He et al. 2019, retrains pruned
+ResNets the same way). The loop is :func:`explorer.training.loop.run_epochs`, as for training; the
+fine-tuning :class:`TiedHooks` differ in three ways:
+
+- what trains is the tied model of :mod:`explorer.training.tied` (gradients averaged per cluster
+  after each backward, tied BatchNorm gains kept positive after each step);
+- with ``distill`` the loss adds knowledge distillation from the unclustered base net (Hinton et al.
+  2015): ``(1 - a) CE + a T^2 KL(softmax(z_t / T) || softmax(z / T))``;
+- its own files: the saved ``<name>.pt`` is the tied model written out as a plain ResNet20 (filters
+  exactly clustered: the app and every CLI load it like any checkpoint), every test accuracy comes
+  from the exact fp32 engine on the compressed net (as :meth:`explorer.pipeline.Explorer.run`), and
+  the metadata holds the clustering (configuration and labels), accuracy before and after with
+  per-class rows, the recovery curve and the compression report. At the end the compressed export
+  goes to ``<out>/compressed/<name>.pt`` + ``.json`` + ``.onnx``.
+
+Defaults (smaller than training's): peak LR 0.02, half an epoch of warm-up, cosine decay per step.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import checkpoints as ckpt
+from ..clustering import ClusteringConfig
+from ..compress import compress, export_onnx, report, save_compressed
+from ..data import CLASSES, CIFAR10Tensors, normalize
+from ..digest import state_digest
+from ..engine import FastEvaluator
+from ..evaluate import Comparison, evaluate, per_class_table
+from .loop import UNPINNED, Hooks, LoopConfig, Pins, pick_device, run_epochs, sgd
+from .tied import distinct_directions, distinct_filters, materialize, prepare, tied_clustering, tied_layers
+
+
+@dataclass
+class FinetuneConfig(LoopConfig):
+    """Hyper-parameters of one fine-tuning run (stored in the metadata; JSON-serialisable)."""
+
+    epochs: int = 30
+    lr: float = 0.02
+    warmup_epochs: float = 0.5
+    name: str = ""
+    rebase_images: int = 2000
+    distill: float = 0.0
+    temperature: float = 4.0
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return super().checks() + [
+            (self.rebase_images >= 1, "--rebase-images must be >= 1"),
+            (0 <= self.distill <= 1, "--distill must be in [0, 1]"),
+            (self.temperature > 0, "--temperature must be > 0"),
+        ]
+
+
+def _on_cpu(tied: nn.Module) -> nn.Module:
+    """The tied model itself on CPU, else a CPU copy (materialising and the engine run on CPU)."""
+    return tied if next(tied.parameters()).device.type == "cpu" else copy.deepcopy(tied).cpu()
+
+
+class TiedHooks(Hooks):
+    """Fine-tuning of a tied model: averaged cluster gradients, optional distillation, and the
+    plain clustered ResNet20 as the saved weights (evaluated compressed, exact fp32)."""
+
+    def __init__(self, tied, forward, config, clustering0, engine, before_top1: float, teacher=None,
+                 distill: float = 0.0, temperature: float = 4.0):
+        super().__init__(tied, forward)
+        self.config, self.clustering0, self.engine, self.before_top1 = config, clustering0, engine, before_top1
+        self.teacher, self.distill, self.temperature = teacher, distill, temperature
+        self.convs = list(tied_layers(tied).values())
+        self.plain = self.cpu_tied = None
+
+    def loss(self, logits, x, y, cfg):
+        loss = super().loss(logits, x, y, cfg)
+        if self.teacher is None:
+            return loss
+        t = self.temperature
+        with torch.no_grad():
+            soft = F.softmax(self.teacher(x).float() / t, dim=1)
+        kd = F.kl_div(F.log_softmax(logits.float() / t, dim=1), soft, reduction="batchmean")
+        return (1 - self.distill) * loss + self.distill * t ** 2 * kd
+
+    def after_backward(self) -> None:
+        for t in self.convs:
+            t.average_gradients()
+
+    def after_step(self) -> None:
+        for t in self.convs:
+            t.project()
+
+    def end_epoch(self) -> None:
+        self.cpu_tied = _on_cpu(self.model)
+        self.plain = materialize(self.cpu_tied)
+
+    def evaluate(self) -> float:
+        clustering = tied_clustering(self.cpu_tied, self.config, self.clustering0)
+        return self.engine.evaluate(compress(self.plain, clustering)).top1
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.contiguous() for k, v in self.plain.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return {"model": self.cpu_tied.state_dict()}
+
+    def epoch_meta(self, record: dict, log: list[dict]) -> dict:
+        return {"recovery": self.recovery(log)}
+
+    def recovery(self, log: list[dict]) -> list[dict]:
+        """Test top-1 per evaluated epoch, epoch 0 being the clustered net before fine-tuning."""
+        return [{"epoch": 0, "test_top1": self.before_top1}] + [
+            {"epoch": r["epoch"], "test_top1": r["test_top1"]} for r in log if "test_top1" in r]
+
+
+def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: FinetuneConfig, data: CIFAR10Tensors,
+             resume: bool = False, quiet: bool = False, stop_after: int | None = None,
+             latency: bool = False) -> dict:
+    """Fine-tune ``checkpoint`` clustered by ``config`` on ``data``; write the files of the module
+    doc; return the metadata dict (the in-progress one when ``stop_after`` epochs of this call have
+    run). Raises ValueError (settings, resume mismatch), ClusteringError, CheckpointError."""
+    ft.validate()
+    base = ckpt.load_model(checkpoint)
+    base_digest = state_digest(base)
+    files = ckpt.paths(ft.out, ft.name)
+
+    # Every accuracy below comes from the exact fp32 engine on the compressed nets (as Explorer.run),
+    # so "before", the recovery curve and "after" are comparable to the app and the search numbers.
+    engine = FastEvaluator(data.test_images, data.test_labels, cache_mb=0, mixed=False)
+    baseline = engine.evaluate(compress(base))
+    model0, clustering0, small0, tied, merged = prepare(base, config, data, ft.rebase_images)
+    before = engine.evaluate(small0)
+    specs0 = [asdict(s) for s in small0.specs]
+    device = pick_device(ft.device)
+    tied.to(device)
+    optimizer, scheduler, steps = sgd(ft, list(tied.parameters()), len(data.train_labels))
+    pins = Pins("finetune", asdict(ft), frozenset(asdict(ft)) - UNPINNED,
+                {"clustering": config.to_dict(), "base_weights_sha1": base_digest, "dataset": data.identity.to_dict()})
+
+    meta = {
+        "architecture": "resnet20", "status": "training", "epochs": ft.epochs,
+        "dataset": data.identity.to_dict(), "classes": list(CLASSES),
+        "finetune": {"base_checkpoint": Path(checkpoint).stem, "base_weights_sha1": base_digest,
+                     "hyperparameters": asdict(ft), "merged_layers": sorted(merged),
+                     "tied_bn_layers": sorted(n for n, t in tied_layers(tied).items() if t.bn is not None),
+                     "method": "tied centroids (gradients averaged per cluster); merged layers' BN tied"},
+        "clustering": config.to_dict(),
+        "labels": {n: [int(x) for x in r.labels] for n, r in clustering0.layers.items()},
+        "baseline": {"top1": baseline.top1, "per_class": baseline.per_class_dict()},
+        "before": {"top1": before.top1, "per_class": before.per_class_dict()},
+        "torch": torch.__version__, "device": device.type,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    # Knowledge distillation from the unclustered base net: its soft targets carry the base net's
+    # class similarities, the usual way to recover a pruned net's accuracy.
+    teacher = copy.deepcopy(base).to(device).to(memory_format=torch.channels_last).eval() if ft.distill > 0 else None
+    hooks = TiedHooks(tied, torch.compile(tied) if ft.compile else tied, config, clustering0, engine, before.top1,
+                      teacher, ft.distill, ft.temperature)
+    progress = run_epochs(ft, hooks, data, optimizer, scheduler, steps, files, meta, pins, device, resume=resume,
+                          quiet=quiet, stop_after=stop_after, desc="finetune")
+    if not progress.finished:
+        return meta
+    return _finish(hooks, specs0, base, data, files, ft, meta, before, baseline, progress.log, latency, quiet)
+
+
+def _finish(hooks: TiedHooks, specs0, base, data, files, ft, meta, before, baseline, log, latency, quiet):
+    tied = _on_cpu(hooks.model)
+    plain = materialize(tied)
+    clustering = tied_clustering(tied, hooks.config, hooks.clustering0)
+    small = compress(plain, clustering)
+    if [asdict(s) for s in small.specs] != specs0:
+        raise RuntimeError("fine-tuning changed the compressed architecture; this is a bug")
+    after = hooks.engine.evaluate(small)
+    check = evaluate(plain, data.test_images, data.test_labels)
+    with torch.inference_mode():
+        x = normalize(data.test_images[:256])
+        max_diff = float((small(x) - plain(x)).abs().max())
+    rep = report(small, base, latency_batches=(1, 256) if latency else ())
+    comp = Comparison(baseline, after)
+    pt, js = save_compressed(small, Path(ft.out) / "compressed", ft.name, extra={
+        "clustering": hooks.config.to_dict(), "source": ft.name,
+        "base_checkpoint": meta["finetune"]["base_checkpoint"], "top1": after.top1, "dataset": data.identity.to_dict()})
+    onnx = export_onnx(small, pt.with_suffix(".onnx"))
+    meta.update(
+        status="complete", epochs_done=ft.epochs, test_top1=after.top1, per_class=after.per_class_dict(),
+        test_evaluated_in="fp32", recovery=hooks.recovery(log),
+        after={"top1": after.top1, "per_class": after.per_class_dict(), "eager_top1": check.top1,
+               "compressed_vs_plain_max_abs_logit_diff": max_diff},
+        per_class_rows=per_class_table({"baseline": baseline, "before": before, "after": after}).to_dict("records"),
+        top1_drop_pts=-100 * comp.top1_delta,
+        compression=rep.to_dict(),
+        distinct_filters={n: distinct_filters(plain.get_submodule(n).weight) for n in clustering.layers},
+        distinct_directions={n: distinct_directions(plain.get_submodule(n).weight) for n in clustering.layers},
+        compressed_export=[str(pt), str(js), str(onnx)],
+    )
+    ckpt.save_json(meta, files["meta"])
+    ckpt.write_status(files["status"], state="complete", epoch=ft.epochs, epochs=ft.epochs, test_top1=after.top1,
+                      pid=os.getpid())
+    if not quiet:
+        print(f"done: top-1 {100 * baseline.top1:.2f}% (base) -> {100 * before.top1:.2f}% (clustered) -> "
+              f"{100 * after.top1:.2f}% (fine-tuned, {ft.epochs} epochs); {100 * rep.mac_reduction:.1f}% fewer MACs, "
+              f"{rep.compression_ratio:.2f}x fewer parameters; wrote {files['weights']}, {pt}, {onnx}")
+    return meta
+
+
+def list_finetuned(directory: str | os.PathLike = ckpt.DEFAULT_DIR) -> list[dict]:
+    """Metadata (with ``name`` added) of every fine-tuning result in ``directory``, by name."""
+    out = []
+    for info in ckpt.list_checkpoints(directory):
+        if "finetune" in info.meta:
+            out.append({**info.meta, "name": info.name})
+    return sorted(out, key=lambda m: m["name"])
+
+
+def finetuned_for(directory: str | os.PathLike | None, base: str) -> list[dict]:
+    """The fine-tuning results (:func:`list_finetuned`, finished or not) in ``directory`` whose base
+    checkpoint is named ``base``; [] without a directory."""
+    if directory is None:
+        return []
+    return [m for m in list_finetuned(directory) if m["finetune"].get("base_checkpoint") == base]
