@@ -29,7 +29,9 @@ runs single-threaded (``random_state`` set), so it never competes with torch for
 in-process (an LRU keyed by the points' content, method and seed), so a layer's map is fitted once
 and re-used for every k.
 
-Nothing here imports Streamlit or torch.
+:func:`layer_map` gathers what the view shows of one layer of a model (its points in k-means'
+space, the clustering of that layer alone, cluster sizes, the filters worth a thumbnail), so the
+app's page only draws. Nothing here imports Streamlit.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import os
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -201,3 +203,79 @@ def submit_embed(points: np.ndarray, centroids: np.ndarray | None, method: str =
     fut = _pool().submit(embed, points, cents, method, seed)
     _FUTURES.put(key, fut)
     return fut
+
+
+# ---------------------------------------------------------------- one layer of a model, for the view
+
+@dataclass(frozen=True)
+class LayerMap:
+    """What the 2D view shows of one conv layer under a configuration.
+
+    points: (P, D) the layer's clustered points (:func:`explorer.clustering.layer_points`: P filters,
+    or P = Cout * Cin kernels with kernel granularity); space: (P, D) float32 the same points in the
+    space k-means ran in (:func:`clustering_space`); norms: (P,) the points' L2 norms; names: P labels
+    ("3", or "3 (in-channel 5)" for kernels); what: "filters" or "2D kernels"; k: the layer's k, None
+    when it is not clustered; labels: (P,) cluster of each point and centroids: (k, D) in ``space``,
+    both None when it is not clustered; in_channels: Cin of the layer's filters.
+    """
+
+    layer: str
+    points: np.ndarray
+    space: np.ndarray
+    norms: np.ndarray
+    names: list[str]
+    what: str
+    k: int | None
+    labels: np.ndarray | None
+    centroids: np.ndarray | None
+    in_channels: int
+    granularity: str
+
+    def cluster_sizes(self) -> np.ndarray:
+        """(k,) points per cluster; (P,) ones when the layer is not clustered."""
+        if self.labels is None:
+            return np.ones(len(self.points), dtype=np.int64)
+        return np.bincount(self.labels, minlength=len(self.centroids))
+
+    def thumbnails(self, n_max: int = 9) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Filters worth drawing: the centroids of the ``n_max`` largest clusters (largest first,
+        ties by cluster index), or the first ``n_max`` filters of an unclustered layer. Returns
+        (indices (n,), weights (n, Cin, 3, 3), sizes (n,) or None); empty for kernel granularity,
+        whose points are single kernels."""
+        cin = self.in_channels
+        if self.granularity != "filter":
+            return np.arange(0), np.zeros((0, cin, 3, 3), np.float32), None
+        if self.centroids is not None:
+            sizes = self.cluster_sizes()
+            order = np.argsort(-sizes, kind="stable")[:n_max]
+            vecs = np.asarray(self.centroids)[order, : cin * 9]
+            return order, vecs.reshape(len(order), cin, 3, 3), sizes[order]
+        order = np.arange(min(n_max, len(self.points)))
+        return order, np.asarray(self.points)[order, : cin * 9].reshape(len(order), cin, 3, 3), None
+
+
+def layer_map(model, config, layer: str) -> LayerMap:
+    """:class:`LayerMap` of conv ``layer`` of ``model`` (a ResNet20, not mutated) under
+    ``config`` (a :class:`explorer.clustering.ClusteringConfig`): that layer alone is clustered
+    with ``config``'s k and options (cached by :func:`explorer.clustering.cluster_model`), BN
+    re-estimation left out since it does not move the filters. Raises KeyError for an unknown layer,
+    ClusteringError for an invalid k."""
+    from .clustering import cluster_model, layer_points
+    from .model import conv_layer
+
+    info = conv_layer(layer)
+    modules = dict(model.named_modules())
+    fold = config.fold_bn and config.granularity == "filter"
+    pts = layer_points(modules[layer].weight, modules[info.bn], config.granularity, fold)
+    k = config.active.get(layer)
+    labels = centroids = None
+    if k:
+        lc = cluster_model(model, replace(config, ks={layer: k}, recalibrate_bn=0)).layers[layer]
+        labels, centroids = lc.labels, lc.centroids
+    cin = info.filter_shape[0]
+    if config.granularity == "kernel":
+        names, what = [f"{i // cin} (in-channel {i % cin})" for i in range(len(pts))], "2D kernels"
+    else:
+        names, what = [str(i) for i in range(len(pts))], "filters"
+    return LayerMap(layer, pts, clustering_space(pts, config.metric), np.linalg.norm(pts, axis=1), names, what,
+                    k, labels, centroids, cin, config.granularity)

@@ -18,9 +18,9 @@ from explorer import checkpoints as ckpt
 from explorer.clustering import ClusteringConfig
 from explorer.data import CLASSES
 from explorer.model import CONV_LAYER_NAMES, CONV_LAYERS, conv_layer
-from explorer.search import run_key
-from explorer.sensitivity import k_grid, options_key, point_key
-from explorer.ui import analysis_page
+from explorer.analysis.search import run_key
+from explorer.analysis.sensitivity import k_grid, options_key, point_key
+from explorer.app import analysis_page, state
 
 REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "streamlit_app.py"
@@ -157,15 +157,15 @@ def apply_buttons(at) -> list:
 # ---------------------------------------------------------------- tests
 
 def test_split_query_names_the_page_and_warns_on_unknown():
-    assert analysis_page.split_query({"ckpt": ["a"]}) == ("explorer", {"ckpt": ["a"]}, [])
-    page, rest, warns = analysis_page.split_query({"page": ["analysis"], "k.conv1": ["3"]})
+    assert state.split_page({"ckpt": ["a"]}) == ("explorer", {"ckpt": ["a"]}, [])
+    page, rest, warns = state.split_page({"page": ["analysis"], "k.conv1": ["3"]})
     assert (page, rest, warns) == ("analysis", {"k.conv1": ["3"]}, [])
-    page, rest, warns = analysis_page.split_query({"page": ["nope"]})
+    page, rest, warns = state.split_page({"page": ["nope"]})
     assert page == "explorer" and rest == {} and "nope" in warns[0]
 
 
 def test_commands_name_the_checkpoint_only_when_not_the_default(tmp_path):
-    from explorer.analysis_io import default_checkpoint
+    from explorer.analysis.results import default_checkpoint
 
     assert analysis_page.command("search", "--budget 0.5 1 2", Path(default_checkpoint())) == \
         "python -m explorer.search --budget 0.5 1 2"
@@ -178,7 +178,7 @@ def test_analysis_page_renders_the_results(env, tmp_path):
     at = make_app({"page": "analysis"}).run()
     no_exception(at)
     assert not at.info and not at.warning and not at.error
-    assert at.segmented_control(key=analysis_page.NAV_KEY).value == "Analysis"
+    assert at.segmented_control(key=state.NAV_KEY).value == "Analysis"
     assert at.query_params["page"] == "analysis" and at.query_params["ckpt"] == NAME
     # heatmap, lines, euclidean vs cosine, Pareto, recovery, per-class
     assert len(at.get("vega_lite_chart")) == 6
@@ -247,18 +247,18 @@ def test_apply_best_configuration_opens_the_explorer_on_it(env, tmp_path, monkey
     no_exception(at)
     expected = ClusteringConfig(ks=BEST[1.0])
     assert at.query_params == {"ckpt": NAME, **expected.to_query(), "proj": "pca"}  # no page: the explorer
-    assert at.segmented_control(key=analysis_page.NAV_KEY).value == "Explorer"
+    assert at.segmented_control(key=state.NAV_KEY).value == "Explorer"
     sliders = {s.key: s.value for s in at.slider if s.key and s.key.startswith("k.")}
     assert sliders == {f"k.{l.name}": BEST[1.0].get(l.name, l.filters) for l in CONV_LAYERS}
     assert any(m.label == "Pruned top-1" for m in at.metric)
     assert any("2 of 19 conv layers clustered" in c.value for c in at.caption)
 
     # To the Analysis page and back: the explorer's configuration survives in the URL.
-    at.segmented_control(key=analysis_page.NAV_KEY).set_value("Analysis").run()
+    at.segmented_control(key=state.NAV_KEY).set_value("Analysis").run()
     no_exception(at)
     assert at.query_params["page"] == "analysis" and at.query_params["k.layer3.2.conv2"] == "8"
     assert apply_buttons(at) and not at.slider
-    at.segmented_control(key=analysis_page.NAV_KEY).set_value("Explorer").run()
+    at.segmented_control(key=state.NAV_KEY).set_value("Explorer").run()
     no_exception(at)
     assert "page" not in at.query_params
     assert {s.key: s.value for s in at.slider if s.key and s.key.startswith("k.")} == sliders

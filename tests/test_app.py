@@ -25,12 +25,13 @@ import numpy as np
 import pytest
 import torch
 
-from explorer import app_support as sup
+from explorer.app import state
+from explorer.app import support as sup
 from explorer import checkpoints as ckpt
 from explorer import projection
 from explorer.clustering import ClusteringConfig
 from explorer.model import CONV_LAYERS
-from explorer.ui import charts
+from explorer.app import charts
 
 from _apphelpers import NAME, stable_checkpoint_dir
 
@@ -266,15 +267,15 @@ def test_umap_view_finishes_in_background(app_env):
 # ---------------------------------------------------------------- URL / view state (no data needed)
 
 def test_parse_query_defaults_and_roundtrip():
-    view, warns = sup.parse_query({}, ["a", "b"])
+    view, warns = state.parse_query({}, ["a", "b"])
     assert warns == [] and view.ckpt == "a" and view.config == ClusteringConfig()
-    assert (view.layer, view.proj) == (sup.DEFAULT_LAYER, sup.DEFAULT_PROJECTION)
+    assert (view.layer, view.proj) == (state.DEFAULT_LAYER, state.DEFAULT_PROJECTION)
     cfg = ClusteringConfig(ks={"conv1": 3, "layer3.2.conv2": 64, "layer2.0.conv1": 7}, metric="cosine", fold_bn=True,
                            recalibrate_bn=500, seed=4)
-    v = sup.ViewState("b", cfg, "layer2.0.conv1", "pca")
-    q = sup.view_query(v)
+    v = state.ViewState("b", cfg, "layer2.0.conv1", "pca")
+    q = state.view_query(v)
     assert q["ckpt"] == "b" and q["k.layer2.0.conv1"] == "7" and "k.layer3.2.conv2" not in q  # 64 = unchanged
-    back, warns = sup.parse_query(q, ["a", "b"])
+    back, warns = state.parse_query(q, ["a", "b"])
     assert warns == [] and back.config.key() == cfg.key() and (back.ckpt, back.layer, back.proj) == ("b", "layer2.0.conv1", "pca")
 
 
@@ -291,14 +292,14 @@ def test_parse_query_defaults_and_roundtrip():
     ({"what\u00e9ver": "1"}, "unknown URL parameter"),
 ])
 def test_parse_query_never_raises(params, needle):
-    view, warns = sup.parse_query(params, ["a"])
+    view, warns = state.parse_query(params, ["a"])
     assert any(needle in w for w in warns), warns
     view.config.validate()
     assert view.ckpt == "a" and view.proj in projection.METHODS
 
 
 def test_parse_query_without_checkpoints():
-    view, warns = sup.parse_query({"ckpt": "x"}, [])
+    view, warns = state.parse_query({"ckpt": "x"}, [])
     assert view.ckpt is None and warns
 
 

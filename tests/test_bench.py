@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from explorer import bench
+from explorer.analysis import benchmark as bench
 from explorer.checkpoints import save_torch
 from explorer.data import synthetic_cifar10
 from explorer.model import resnet20

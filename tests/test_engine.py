@@ -9,7 +9,7 @@ import torch
 from explorer.clustering import ClusteringConfig, prune
 from explorer.compress import compress
 from explorer import engine
-from explorer.bench import random_changes
+from explorer.analysis.benchmark import random_changes
 from explorer.engine import ActivationCache, FastEvaluator, flip_error, inference_form, stratified_subset, unit_digests
 from explorer.evaluate import predict_logits
 from explorer.model import resnet20

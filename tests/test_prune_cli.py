@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from explorer import checkpoints as ckpt
-from explorer import pipeline, prune
+from explorer import pipeline
+from explorer.cli import prune
 from explorer.clustering import ClusteringConfig, recalibrate_bn
 from explorer.compress import load_compressed
 from explorer.data import CLASSES, synthetic_cifar10

@@ -9,7 +9,7 @@ import torch
 
 from explorer import checkpoints as ckpt
 from explorer.model import resnet20
-from explorer.train import main as train_main
+from explorer.cli.train import main as train_main
 
 TRAIN = ["--synthetic", "40", "--batch-size", "20", "--epochs", "1", "--precision", "fp32", "--device", "cpu",
          "--quiet", "--threads", "1", "--name", "t"]
@@ -142,7 +142,7 @@ def _one_line_with_fix(message: str) -> None:
 
 
 def test_upload_accepts_a_resnet20_state_dict(tmp_path):
-    from explorer import app_support as sup
+    from explorer.app import support as sup
 
     state = resnet20().state_dict()
     data = _state_bytes(state)
@@ -185,7 +185,7 @@ def _bad_uploads():
 @pytest.mark.parametrize("filename, data, message", [c[1:] for c in _bad_uploads()],
                          ids=[c[0] for c in _bad_uploads()])
 def test_upload_rejects_bad_files_with_one_line(filename, data, message):
-    from explorer import app_support as sup
+    from explorer.app import support as sup
 
     with pytest.raises(sup.UploadError) as info:
         sup.check_upload(filename, data)
@@ -195,7 +195,7 @@ def test_upload_rejects_bad_files_with_one_line(filename, data, message):
 
 
 def test_upload_with_pickled_code_is_refused_and_not_run(tmp_path, monkeypatch):
-    from explorer import app_support as sup
+    from explorer.app import support as sup
 
     mark = tmp_path / "pwned"
     monkeypatch.setenv("EVIL_MARK", str(mark))
@@ -209,7 +209,7 @@ def test_upload_with_pickled_code_is_refused_and_not_run(tmp_path, monkeypatch):
 def test_upload_size_limit_matches_the_server_setting(repo_root):
     import tomllib
 
-    from explorer import app_support as sup
+    from explorer.app import support as sup
 
     conf = tomllib.loads((repo_root / ".streamlit" / "config.toml").read_text())
     assert conf["server"]["maxUploadSize"] == sup.MAX_UPLOAD_MB
@@ -217,16 +217,16 @@ def test_upload_size_limit_matches_the_server_setting(repo_root):
 
 
 def test_upload_link_from_another_session_warns():
-    from explorer import app_support as sup
+    from explorer.app import support as sup
 
-    view, warns = sup.parse_query({"ckpt": "upload:teammate"}, ["a"])
+    view, warns = state.parse_query({"ckpt": "upload:teammate"}, ["a"])
     assert view.ckpt == "a" and len(warns) == 1 and "uploaded in another session" in warns[0]
 
 
 # ---------------------------------------------------------------- missing dataset (CLIs; the app: tests/test_app.py)
 
 def test_missing_data_message_says_how_to_fix(tmp_path):
-    from explorer import app_support as sup
+    from explorer.app import support as sup
     from explorer.data import DataNotFoundError, load_cifar10
 
     (tmp_path / "empty").mkdir()

@@ -20,7 +20,8 @@ import torch
 from explorer import checkpoints as ckpt
 from explorer.data import CLASSES, synthetic_cifar10
 from explorer.evaluate import evaluate
-from explorer.train import lr_factor, main
+from explorer.cli.train import main
+from explorer.training.loop import lr_factor
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "tiny"

@@ -1,6 +1,5 @@
-"""UI helpers for the Streamlit app: Altair chart builders and display formatting (:mod:`.charts`),
-and the app's Analysis page (:mod:`.analysis_page`).
-
-Only :mod:`.analysis_page` imports Streamlit (it draws a whole page); :mod:`.charts` does not, and
-``streamlit_app.py`` wires it to widgets.
-"""
+"""The Streamlit app (``streamlit_app.py`` is its router): one module per page
+(:mod:`.explorer_page`, :mod:`.analysis_page`), the shared sidebar (:mod:`.sidebar`), the view state
+and its URL form (:mod:`.state`), Altair charts and display formatting (:mod:`.charts`), and what
+the pages need besides widgets (:mod:`.support`: checkpoint listing, uploads, downloads, the
+training launcher). Only this package imports Streamlit; no maths happens here."""

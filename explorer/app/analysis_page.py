@@ -1,23 +1,17 @@
-"""The app's Analysis page: the results of the analysis CLIs for the selected checkpoint.
-
-Reached with ``?page=analysis`` in the URL (the page switch under the title sets it), so an
-analysis view can be shared like any explorer view; the explorer's own parameters (``ckpt``,
-``k.<layer>``...) stay in the URL meanwhile, so switching back restores the explorer as it was.
-``streamlit_app.py`` calls :func:`split_query`, :func:`page_switch` and :func:`render`; this module
-only reads files, it never loads a model or the dataset.
+"""The Analysis page (``?page=analysis``): the results of the analysis commands for the selected
+checkpoint. It only reads result files; it never loads a model or the dataset.
 
 Shown, from the files beside the checkpoint (each missing one gives an ``st.info`` with the command
 that writes it, an unreadable one an ``st.warning``; never an exception):
 
-- ``<name>.sensitivity.json`` (:mod:`explorer.sensitivity`): the layer x k heatmap of top-1 points
-  lost and the per-stage line charts, for the metric picked (euclidean / cosine, where measured),
-  and euclidean vs cosine on the points measured with both;
-- ``<name>.search.json`` (:mod:`explorer.search`): accuracy vs MACs (or parameters) of every
-  verified configuration, with the uniform-k ones and finished fine-tuning results, and for each
-  budget searched the best configuration (:func:`explorer.search.best_record`) with a button that
-  applies it to the explorer's sliders and options (:func:`apply_configuration`) and opens the
-  explorer on it;
-- ``*_ft.json`` fine-tuning results of this checkpoint (:func:`explorer.report.finetuned_for`):
+- ``<name>.sensitivity.json`` (:mod:`explorer.analysis.sensitivity`): the layer x k heatmap of top-1
+  points lost and the per-stage line charts, for the metric picked, and euclidean vs cosine on the
+  points measured with both;
+- ``<name>.search.json`` (:mod:`explorer.analysis.search`): accuracy vs MACs (or parameters) of
+  every verified configuration, with the uniform-k ones and finished fine-tuning results, and for
+  each budget searched the best configuration with a button that applies it to the explorer's
+  sliders and options (:func:`explorer.app.state.apply_configuration`) and opens the explorer on it;
+- ``*_ft.json`` fine-tuning results of this checkpoint (:func:`explorer.training.finetune.finetuned_for`):
   recovery curves, compression, and per-class accuracy before / after fine-tuning.
 """
 from __future__ import annotations
@@ -29,23 +23,21 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from .. import analysis_charts as acharts
-from .. import app_support as sup
 from .. import checkpoints as ckpt
-from ..analysis_io import default_checkpoint
+from ..analysis import charts as acharts
+from ..analysis.report import finetuned_points
+from ..analysis.report import ks_text as report_ks_text
+from ..analysis.report import options_label as report_options_label
+from ..analysis.results import default_checkpoint
+from ..analysis.search import SUFFIX as SEARCH_SUFFIX, best_record, load_search, pareto_table
+from ..analysis.sensitivity import SUFFIX as SENS_SUFFIX, k_grid, load_sensitivity
 from ..clustering import ClusteringConfig
-from ..data import CLASSES
+from ..evaluate import per_class_table
 from ..model import CONV_LAYERS
-from ..report import finetuned_for, finetuned_points
-from ..report import ks_text as report_ks_text
-from ..report import options_label as report_options_label
-from ..search import SUFFIX as SEARCH_SUFFIX, best_record, load_search, pareto_table
-from ..sensitivity import SUFFIX as SENS_SUFFIX, k_grid, load_sensitivity
-from . import charts
+from ..training.finetune import finetuned_for
+from . import charts, state
+from . import support as sup
 
-PAGE_PARAM = "page"
-PAGES = {"explorer": "Explorer", "analysis": "Analysis"}
-NAV_KEY = "nav.page"
 SEARCH_COMMAND_ARGS = "--budget 0.5 1 2"
 HEATMAP_CLIP_PTS = 20.0
 # File errors shown as a warning instead of an exception (bad JSON, missing fields, odd values).
@@ -70,66 +62,6 @@ def read_result(kind: str, path: Path):
     except OSError:
         stamp = None  # the loader reports the missing file in its own words
     return _read_cached(kind, str(path), stamp)
-
-
-# ---------------------------------------------------------------- which page, switching
-
-def split_query(query: dict[str, list[str]]) -> tuple[str, dict[str, list[str]], list[str]]:
-    """The page named by the URL's ``page`` parameter ("explorer" unless it says "analysis"), the
-    other parameters (the explorer's view), and a warning for an unknown page name."""
-    rest = {k: v for k, v in query.items() if k != PAGE_PARAM}
-    raw = query.get(PAGE_PARAM)
-    if not raw:
-        return "explorer", rest, []
-    value = str(raw[-1] if isinstance(raw, (list, tuple)) else raw).strip().lower()
-    if value in PAGES:
-        return value, rest, []
-    return "explorer", rest, [f"page={value[:30]!r} is not a page of this app ({', '.join(PAGES)}); "
-                              f"showing the explorer"]
-
-
-def _on_switch() -> None:
-    if st.session_state.get(NAV_KEY) == PAGES["analysis"]:
-        st.query_params[PAGE_PARAM] = "analysis"
-    elif PAGE_PARAM in st.query_params:
-        del st.query_params[PAGE_PARAM]
-
-
-def page_switch(page: str) -> None:
-    """The Explorer / Analysis switch; it reflects the URL and changes only its ``page`` parameter."""
-    st.session_state[NAV_KEY] = PAGES[page]
-    st.segmented_control("Page", list(PAGES.values()), key=NAV_KEY, required=True, on_change=_on_switch,
-                         label_visibility="collapsed")
-
-
-EXPLORER_STATE_PREFIXES = ("k.", "opt.")
-EXPLORER_STATE_KEYS = ("layer", "proj", "uniform_k")
-
-
-def keep_explorer_state() -> None:
-    """Re-assign the explorer's widget values (``k.<layer>``, ``opt.<option>``, layer, projection,
-    uniform k) as plain session state. Its widgets are not drawn on this page, and Streamlit drops
-    the state of widgets missing from a run, which would bring the explorer back on stale values."""
-    ss = st.session_state
-    for key in list(ss.keys()):
-        if key.startswith(EXPLORER_STATE_PREFIXES) or key in EXPLORER_STATE_KEYS:
-            ss[key] = ss[key]
-
-
-def apply_configuration(name: str, config: ClusteringConfig, layer: str, proj: str, what: str) -> None:
-    """Button callback: set the explorer's widgets (the session-state keys ``streamlit_app.py`` gives
-    them: ``ckpt``, ``opt.<option>``, ``k.<layer>``) and its URL to ``config`` on checkpoint ``name``,
-    without ``page`` so the rerun shows the explorer. The URL alone would do when the widgets' state
-    was dropped while this page was shown; the session state covers the case where it was kept."""
-    ss = st.session_state
-    ss["ckpt"] = name
-    for opt in sup.CONFIG_KEYS:
-        ss[f"opt.{opt}"] = getattr(config, opt)
-    active = config.active
-    for l in CONV_LAYERS:
-        ss[f"k.{l.name}"] = int(active.get(l.name, l.filters))
-    st.query_params.from_dict(sup.view_query(sup.ViewState(name, config, layer, proj)))
-    st.toast(f"Applied {what}: {len(active)} layers clustered", icon=":material/tune:")
 
 
 # ---------------------------------------------------------------- helpers
@@ -253,7 +185,7 @@ def best_configurations(doc: dict) -> list[dict]:
     return out
 
 
-def search_section(path: Path, name: str, checkpoint: Path | None, ft_metas: list[dict], view: sup.ViewState) -> None:
+def search_section(path: Path, name: str, checkpoint: Path | None, ft_metas: list[dict], view: state.ViewState) -> None:
     st.subheader("Accuracy vs MACs: per-layer k under a budget, and the same k everywhere")
     cmd = command("search", SEARCH_COMMAND_ARGS, checkpoint)
     if not path.is_file():
@@ -305,7 +237,7 @@ def search_section(path: Path, name: str, checkpoint: Path | None, ft_metas: lis
                 st.caption(f"{report_options_label(cfg, long=True)}; {n} layer{'s' if n != 1 else ''}: {layers}")
                 a, d = st.columns([3, 1], vertical_alignment="center")
                 a.button(f"Apply best configuration for budget {label}", key=f"analysis.apply.{b['key']}",
-                         type="primary", width="stretch", on_click=apply_configuration,
+                         type="primary", width="stretch", on_click=state.apply_configuration,
                          args=(name, cfg, view.layer, view.proj, f"the best configuration for budget {label}"),
                          help="Sets the explorer's sliders and options to this configuration and opens it")
                 d.download_button("JSON", sup.config_json(cfg), f"{name}_budget{b['budget']:g}.config.json",
@@ -408,15 +340,14 @@ def per_class_block(metas: list[dict], chart_col) -> None:
     try:
         base, before = m["baseline"]["per_class"], m["before"]["per_class"]
         after = (m.get("after") or {}).get("per_class")
-        rows = {"baseline %": {c: 100 * base[c] for c in CLASSES},
-                "clustered %": {c: 100 * before[c] for c in CLASSES}}
+        pc = per_class_table({"baseline": base, "clustered": before, "fine-tuned": after}).set_index("class")
+        rows = {"baseline %": 100 * pc["baseline"], "clustered %": 100 * pc["clustered"]}
         if after is not None:
-            rows["fine-tuned %"] = {c: 100 * after[c] for c in CLASSES}
-            rows["fine-tuned - baseline pp"] = {c: 100 * (after[c] - base[c]) for c in CLASSES}
-        table = pd.DataFrame([{"": label, **vals} for label, vals in rows.items()])
-        deltas = pd.DataFrame([{"class": c, "variant": v, "delta": vals[c] - base[c]}
-                               for v, vals in (("clustered", before), ("fine-tuned", after)) if vals is not None
-                               for c in CLASSES])
+            rows["fine-tuned %"] = 100 * pc["fine-tuned"]
+            rows["fine-tuned - baseline pp"] = 100 * (pc["fine-tuned"] - pc["baseline"])
+        table = pd.DataFrame(rows).T.rename_axis(None, axis=1).reset_index(names="")
+        deltas = pd.DataFrame([{"class": c, "variant": v, "delta": pc.loc[c, v] - pc.loc[c, "baseline"]}
+                               for v in ("clustered", "fine-tuned") if v in pc for c in pc.index])
     except READ_ERRORS as e:
         with chart_col:
             st.warning(f"{run}: per-class accuracy could not be read: {e}", icon=":material/warning:")
@@ -425,7 +356,7 @@ def per_class_block(metas: list[dict], chart_col) -> None:
         st.altair_chart(acharts.per_class_chart(deltas, title="Per-class change vs baseline"),
                         width="stretch", height=260)
     st.dataframe(table, hide_index=True, width="stretch",
-                 column_config={c: st.column_config.NumberColumn(format="%.1f") for c in CLASSES})
+                 column_config={c: st.column_config.NumberColumn(format="%.1f") for c in pc.index})
     st.caption(f"Per-class test accuracy of {run}: the base checkpoint, clustered (before fine-tuning) and "
                f"fine-tuned; the last row in percentage points." if after is not None else
                f"{run} is still training: its fine-tuned per-class accuracy appears when it finishes.")
@@ -433,10 +364,11 @@ def per_class_block(metas: list[dict], chart_col) -> None:
 
 # ---------------------------------------------------------------- the page
 
-def render(ckpt_dir: Path, info: ckpt.CheckpointInfo | None, view: sup.ViewState) -> None:
-    """The Analysis page for checkpoint ``info`` (None: an uploaded checkpoint, which has no result
-    files). ``view`` is the explorer's view from the URL (kept when a configuration is applied)."""
-    keep_explorer_state()
+def render(ctx) -> None:
+    """The Analysis page for the checkpoint picked in the shared sidebar (:class:`.sidebar.Context`;
+    an uploaded checkpoint has no result files). The explorer's view from the URL is kept for when a
+    configuration is applied."""
+    ckpt_dir, info, view = ctx.ckpt_dir, ctx.by_name.get(ctx.selected), ctx.view
     if info is None:
         st.info("The analysis results are computed by command-line tools for checkpoint files in "
                 f"`{_shown(ckpt_dir)}`; an uploaded checkpoint has none. Pick a checkpoint from that directory, or "

@@ -46,13 +46,11 @@ def count(n: int) -> str:
 # ---------------------------------------------------------------- tables
 
 def per_class_frame(comparison) -> pd.DataFrame:
-    """One row per class: class, baseline, pruned (fractions), delta (pruned - baseline), and the
-    number of test images of the class (support)."""
-    rows = comparison.rows()
-    support = comparison.baseline.confusion.sum(axis=1)
-    df = pd.DataFrame(rows)
-    df["support"] = support.astype(int)
-    return df[["class", "baseline", "pruned", "delta", "support"]]
+    """:meth:`explorer.evaluate.Comparison.table` (class, baseline, pruned, delta; fractions) plus
+    the number of test images of each class (support)."""
+    df = comparison.table()
+    df["support"] = comparison.baseline.confusion.sum(axis=1).astype(int)
+    return df
 
 
 def per_class_display(comparison) -> pd.DataFrame:
@@ -188,21 +186,22 @@ def confusion_chart(matrix: np.ndarray, classes: Sequence[str], title: str, kind
 
 # ---------------------------------------------------------------- filters in 2D
 
-def projection_frame(projection, labels: np.ndarray | None, norms: np.ndarray, point_names: Sequence[str]
-                     ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """DataFrames for :func:`projection_chart`: one row per point (x, y, name, cluster, norm,
-    cluster size) and one per centroid (x, y, cluster, members). ``labels`` (P,) are the k-means
-    clusters (None: the layer is not clustered, every point is its own cluster)."""
+def projection_frame(projection, lmap) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """DataFrames for :func:`projection_chart` from a 2D ``projection``
+    (:class:`explorer.projection.Projection`) of the layer described by ``lmap``
+    (:class:`explorer.projection.LayerMap`): one row per point (x, y, name, cluster, norm, cluster
+    size) and one per centroid (x, y, cluster, members); an unclustered layer shows every point as
+    its own cluster."""
     p = projection.points
-    labels = np.arange(len(p)) if labels is None else np.asarray(labels)
-    sizes = np.bincount(labels, minlength=int(labels.max()) + 1)
-    pts = pd.DataFrame({"x": p[:, 0], "y": p[:, 1], "point": list(point_names), "cluster": labels.astype(int),
-                        "norm": np.asarray(norms, dtype=float), "cluster size": sizes[labels].astype(int)})
+    labels = np.arange(len(p)) if lmap.labels is None else np.asarray(lmap.labels)
+    sizes = lmap.cluster_sizes()
+    pts = pd.DataFrame({"x": p[:, 0], "y": p[:, 1], "point": list(lmap.names), "cluster": labels.astype(int),
+                        "norm": np.asarray(lmap.norms, dtype=float), "cluster size": sizes[labels].astype(int)})
     cents = None
     if projection.centroids is not None:
         c = projection.centroids
         cents = pd.DataFrame({"x": c[:, 0], "y": c[:, 1], "cluster": np.arange(len(c)),
-                              "members": sizes[: len(c)].astype(int) if len(sizes) >= len(c) else 0})
+                              "members": sizes[: len(c)].astype(int)})
     return pts, cents
 
 
@@ -237,9 +236,10 @@ def biggest_changes(comparison, n: int = 8) -> pd.DataFrame:
     return df.drop(columns="mag").head(n).rename(columns={"delta": "change"}).reset_index(drop=True)
 
 
-def cluster_size_chart(labels: np.ndarray, height: int = 200) -> alt.Chart:
-    """Bars of the number of filters in each cluster, largest first, coloured like the 2D map."""
-    sizes = np.bincount(np.asarray(labels))
+def cluster_size_chart(sizes: np.ndarray, height: int = 200) -> alt.Chart:
+    """Bars of the number of filters in each cluster (``sizes`` (k,)), largest first, coloured like
+    the 2D map."""
+    sizes = np.asarray(sizes)
     df = pd.DataFrame({"cluster": np.arange(len(sizes)), "filters": sizes})
     scheme = "tableau10" if len(sizes) <= 10 else "tableau20"
     return alt.Chart(df, height=height).mark_bar().encode(

@@ -1,8 +1,6 @@
-"""What the Streamlit app needs besides widgets, kept free of Streamlit so it can be tested directly:
+"""What the Streamlit app needs besides widgets and view state (:mod:`.state`), kept free of
+Streamlit so it can be tested directly:
 
-- the shareable **view state** (checkpoint, clustering configuration, selected layer, projection
-  method) and its lenient URL parsing (:func:`parse_query`, never raises; bad values become
-  warnings) and canonical URL form (:func:`view_query`);
 - which checkpoints the app offers (:func:`usable_checkpoints`) and how they are labelled;
 - checkpoint uploads (:func:`check_upload`): size-limited, loaded with ``weights_only=True`` and
   validated like shipped checkpoints, kept in the uploading session's memory only;
@@ -16,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -31,21 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from . import checkpoints as ckpt
-from .clustering import ClusteringConfig
-from .model import CONV_LAYER_NAMES
-from .projection import METHODS
+from .. import checkpoints as ckpt
+from ..clustering import ClusteringConfig
+from ..digest import digest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 ENV_CHECKPOINTS = "EXPLORER_CHECKPOINTS"
 ENV_ALLOW_TRAINING = "EXPLORER_ALLOW_TRAINING"
 ENV_LOG_DIR = "EXPLORER_LOG_DIR"
-DEFAULT_LAYER = "conv1"
-DEFAULT_PROJECTION = "umap"
-VIEW_KEYS = ("ckpt", "layer", "proj")
-CONFIG_KEYS = ("metric", "granularity", "fold_bn", "recalibrate_bn", "seed", "n_init")
-# Query parameters Streamlit itself understands; never warned about.
-STREAMLIT_KEYS = ("embed", "embed_options")
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -103,7 +93,7 @@ def read_weights(path: str | os.PathLike) -> tuple[bytes, str]:
         raise ckpt.CheckpointError(f"{path.name}: no such checkpoint file") from None
     except OSError as e:
         raise ckpt.CheckpointError(f"{path.name}: unreadable ({e.strerror or e})") from None
-    return data, hashlib.sha256(data).hexdigest()[:20]
+    return data, digest(data, algorithm="sha256", length=20)
 
 
 def model_from_bytes(data: bytes, source: str):
@@ -187,7 +177,7 @@ def check_upload(filename: str, data: bytes, max_bytes: int = MAX_UPLOAD_BYTES) 
     except ckpt.CheckpointError as e:
         raise UploadError(_one_line(f"{e}; {_SAVE_HINT}")) from None
     name = upload_name(filename)
-    return UploadedCheckpoint(f"{UPLOAD_PREFIX}{name}", name, shown, bytes(data), hashlib.sha256(data).hexdigest()[:20])
+    return UploadedCheckpoint(f"{UPLOAD_PREFIX}{name}", name, shown, bytes(data), digest(data, algorithm="sha256", length=20))
 
 
 def data_error_message(error: Exception) -> str:
@@ -195,81 +185,6 @@ def data_error_message(error: Exception) -> str:
     the app with it (the ``--data`` flag of the CLIs is ``EXPLORER_DATA`` for the app)."""
     return (_one_line(str(error), 600) + " For this app: restart it with "
             "`EXPLORER_DATA=DIR streamlit run streamlit_app.py`.")
-
-
-# ---------------------------------------------------------------- view state and URL
-
-@dataclass(frozen=True)
-class ViewState:
-    """Everything a shared URL reproduces. ``ckpt`` None means "no usable checkpoint"."""
-
-    ckpt: str | None
-    config: ClusteringConfig
-    layer: str = DEFAULT_LAYER
-    proj: str = DEFAULT_PROJECTION
-
-
-def _last(v) -> str:
-    if isinstance(v, (list, tuple)):
-        v = v[-1] if v else ""
-    return str(v)
-
-
-def parse_query(params: Mapping[str, object], checkpoints: list[str]) -> tuple[ViewState, list[str]]:
-    """Parse URL query parameters into a :class:`ViewState`, leniently: never raises; unknown
-    checkpoints, layers, keys, non-numbers and out-of-range k are ignored or clamped, each with a
-    warning. ``checkpoints`` are the names the app offers (the first is the default). Values may be
-    strings or lists of strings (repeated keys: the last wins)."""
-    params = {str(k)[:200]: v for k, v in params.items()}
-    config, warns = ClusteringConfig.from_query(params)
-    default_ckpt = checkpoints[0] if checkpoints else None
-    name = default_ckpt
-    if "ckpt" in params:
-        raw = _last(params["ckpt"]).strip()
-        if raw in checkpoints:
-            name = raw
-        elif raw.startswith(UPLOAD_PREFIX) and default_ckpt is not None:
-            warns.append(f"checkpoint {raw[:60]!r} was uploaded in another session (uploads are kept only by the "
-                         f"session that uploaded them); upload the file again; showing {default_ckpt!r}")
-        elif default_ckpt is not None:
-            warns.append(f"checkpoint {raw[:60]!r} is not available here; showing {default_ckpt!r}")
-        else:
-            warns.append(f"checkpoint {raw[:60]!r} is not available here")
-    layer = DEFAULT_LAYER
-    if "layer" in params:
-        raw = _last(params["layer"]).strip()
-        if raw in CONV_LAYER_NAMES:
-            layer = raw
-        else:
-            warns.append(f"layer={raw[:40]!r} is not a conv layer of ResNet20; showing {DEFAULT_LAYER}")
-    proj = DEFAULT_PROJECTION
-    if "proj" in params:
-        raw = _last(params["proj"]).strip().lower()
-        if raw in METHODS:
-            proj = raw
-        else:
-            warns.append(f"proj={raw[:20]!r} is not one of {', '.join(METHODS)}; using {DEFAULT_PROJECTION}")
-    known = set(VIEW_KEYS) | set(CONFIG_KEYS) | set(STREAMLIT_KEYS)
-    unknown = [k for k in params if k not in known and not k.startswith("k.")]
-    if unknown:
-        shown = ", ".join(repr(k[:30]) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        warns.append(f"ignored unknown URL parameter{'s' if len(unknown) > 1 else ''} {shown}")
-    return ViewState(name, config, layer, proj), warns
-
-
-def view_query(view: ViewState) -> dict[str, str]:
-    """Canonical query parameters of a view: ``ckpt`` always (so a shared link keeps naming its
-    checkpoint even when others are added), then the configuration's non-default options and every
-    clustered layer's ``k.<layer>``, then ``layer``/``proj`` when not at their defaults."""
-    q: dict[str, str] = {}
-    if view.ckpt:
-        q["ckpt"] = view.ckpt
-    q.update(view.config.to_query())
-    if view.layer != DEFAULT_LAYER:
-        q["layer"] = view.layer
-    if view.proj != DEFAULT_PROJECTION:
-        q["proj"] = view.proj
-    return q
 
 
 # ---------------------------------------------------------------- results
@@ -291,7 +206,7 @@ def compressed_zip(result, source: str, dataset: dict | None = None) -> bytes:
     """A zip with the structurally compressed model of ``result`` as written by
     :func:`explorer.compress.save_compressed` (``<source>_clustered.pt`` + ``.json`` with the specs,
     the configuration, top-1 and dataset), the configuration JSON and a short README."""
-    from .compress import save_compressed
+    from ..compress import save_compressed
 
     name = f"{source}_clustered"
     extra = {"clustering": result.config.to_dict(), "source": source, "top1": result.evaluation.top1,
