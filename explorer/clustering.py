@@ -16,14 +16,23 @@ Options:
 - ``fold_bn``: fold the following BatchNorm into each filter first (weights scaled by
   gamma/sqrt(var+eps), plus a bias) and cluster [folded filter, bias]; clustered channels are then
   identical after ReLU, which lets :mod:`explorer.compress` merge them.
-- ``recalibrate_bn=N``: after replacing filters, re-estimate every BatchNorm's running statistics on
-  N training images (Li et al. 2017, "Revisiting Batch Normalization for Practical Domain
-  Adaptation"; no gradient step).
+- ``space="weight"``: k-means on the filters as they are. ``"data"``: k-means in the metric of the
+  layer's own output error, ``(w - c)^T Sigma (w - c)`` with Sigma the second moment of the layer's
+  input patches on training images (:mod:`explorer.recovery`); the centroid stays the members' mean.
+- ``recovery``: what repairs the net after the filters are replaced, without a gradient step.
+  ``"none"``; ``"bn"``: re-estimate every BatchNorm's running statistics on ``recalibrate_bn``
+  training images (Li et al. 2017, "Revisiting Batch Normalization for Practical Domain
+  Adaptation"); ``"lsq"``: least-squares reconstruction of the original net's outputs, layer by
+  layer (He et al. 2017; :func:`explorer.recovery.lsq_recover`), on ``recalibrate_bn`` images.
+- ``seeds=S``: run k-means with seeds ``seed .. seed+S-1`` and keep the net with the best top-1 on
+  held-out *training* images (never the test split).
+
+All training images used here come from one fixed permutation of the training split: statistics,
+re-fits and BN re-estimation use its first images, the seed choice its last 2,000.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field, replace
@@ -33,12 +42,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from .digest import digest
 from .lru import LRUCache
 from .model import CONV_LAYER_NAMES, conv_layer
 
 METRICS = ("euclidean", "cosine")
 GRANULARITIES = ("filter", "kernel")
-MAX_RECALIBRATION_IMAGES = 50_000
+SPACES = ("weight", "data")
+RECOVERIES = ("none", "bn", "lsq")
+HOLDOUT_IMAGES = 2_000  # the last images of the fixed training permutation: seed choice only
+MAX_RECALIBRATION_IMAGES = 48_000  # the rest of the training split
+DEFAULT_CALIBRATION = {"bn": 2000, "lsq": 512}  # images; lsq's cost grows with them, its accuracy barely
+MAX_SEEDS = 10
 MAX_SEED = 2**31 - 1  # KMeans rejects seeds outside 0..2**32-1; URLs clamp to this range
 MAX_N_INIT = 20  # URLs clamp to this range too, so that every valid config survives a URL roundtrip
 
@@ -53,7 +68,10 @@ class ClusteringConfig:
 
     ks: layer name -> k. A layer that is absent, or whose k equals its filter count, is left as is.
     metric: "euclidean" | "cosine"; granularity: "filter" | "kernel"; fold_bn: cluster BN-folded
-    filters; recalibrate_bn: training images for BN re-estimation (0 = off); seed, n_init: k-means.
+    filters; space: "weight" | "data" (output-error metric); recovery: "none" | "bn" | "lsq";
+    recalibrate_bn: training images used by the recovery (0 with recovery "none"; a legacy
+    ``recalibrate_bn=N`` without a recovery means "bn"); seed, n_init: k-means; seeds: best of that
+    many k-means seeds by held-out training accuracy.
     """
 
     ks: Mapping[str, int] = field(default_factory=dict)
@@ -63,9 +81,17 @@ class ClusteringConfig:
     recalibrate_bn: int = 0
     seed: int = 0
     n_init: int = 3
+    space: str = "weight"
+    recovery: str = "none"
+    seeds: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "ks", dict(sorted(self.ks.items(), key=lambda kv: _layer_order(kv[0]))))
+        # One meaning per pair: recalibration images imply a recovery, a recovery has images.
+        if self.recovery == "none" and isinstance(self.recalibrate_bn, int) and self.recalibrate_bn > 0:
+            object.__setattr__(self, "recovery", "bn")
+        elif self.recovery in DEFAULT_CALIBRATION and self.recalibrate_bn == 0:
+            object.__setattr__(self, "recalibrate_bn", DEFAULT_CALIBRATION[self.recovery])
 
     # ------------------------------------------------------------ validation
     def validate(self) -> "ClusteringConfig":
@@ -91,6 +117,18 @@ class ClusteringConfig:
             raise ClusteringError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
         if not 1 <= self.n_init <= MAX_N_INIT:
             raise ClusteringError(f"n_init must be in 1..{MAX_N_INIT}, got {self.n_init}")
+        if self.space not in SPACES:
+            raise ClusteringError(f"space must be one of {SPACES}, got {self.space!r}")
+        if self.recovery not in RECOVERIES:
+            raise ClusteringError(f"recovery must be one of {RECOVERIES}, got {self.recovery!r}")
+        if self.granularity == "kernel" and (self.space == "data" or self.recovery == "lsq"):
+            raise ClusteringError("space=data and recovery=lsq need granularity=filter (a kernel codebook "
+                                  "ties parts of filters); choose granularity=filter, or space=weight with "
+                                  "recovery none or bn")
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or not 1 <= self.seeds <= MAX_SEEDS:
+            raise ClusteringError(f"seeds must be in 1..{MAX_SEEDS}, got {self.seeds!r}")
+        if not 0 <= self.seed + self.seeds - 1 <= MAX_SEED:
+            raise ClusteringError(f"seed + seeds - 1 must be at most {MAX_SEED}")
         return self
 
     @property
@@ -114,9 +152,19 @@ class ClusteringConfig:
 
     # ------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
-        return {"ks": self.active, "metric": self.metric, "granularity": self.granularity,
-                "fold_bn": self.fold_bn, "recalibrate_bn": self.recalibrate_bn, "seed": self.seed,
-                "n_init": self.n_init}
+        """JSON-ready. The options added later (space, recovery lsq, seeds) appear only when they
+        differ from what an older file meant without them, so keys of shipped result files stay
+        valid (``recalibrate_bn`` > 0 alone means recovery "bn")."""
+        d = {"ks": self.active, "metric": self.metric, "granularity": self.granularity,
+             "fold_bn": self.fold_bn, "recalibrate_bn": self.recalibrate_bn, "seed": self.seed,
+             "n_init": self.n_init}
+        if self.space != "weight":
+            d["space"] = self.space
+        if self.recovery == "lsq":
+            d["recovery"] = self.recovery
+        if self.seeds != 1:
+            d["seeds"] = self.seeds
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -130,14 +178,17 @@ class ClusteringConfig:
         """Strict: raises ClusteringError on unknown fields or invalid values."""
         if not isinstance(d, Mapping):
             raise ClusteringError("a clustering configuration must be a JSON object")
-        unknown = set(d) - {"ks", "metric", "granularity", "fold_bn", "recalibrate_bn", "seed", "n_init"}
+        unknown = set(d) - {"ks", *OPTION_FIELDS}
         if unknown:
             raise ClusteringError(f"unknown configuration fields: {', '.join(sorted(unknown))}")
         ks = d.get("ks", {})
         if not isinstance(ks, Mapping):
             raise ClusteringError("ks must map layer names to integers")
-        opts = {k: d[k] for k in ("metric", "granularity", "fold_bn", "recalibrate_bn", "seed", "n_init") if k in d}
-        for name in ("recalibrate_bn", "seed", "n_init"):
+        opts = {k: d[k] for k in OPTION_FIELDS if k in d}
+        for name in ("metric", "granularity", "space", "recovery"):
+            if name in opts and not isinstance(opts[name], str):
+                raise ClusteringError(f"{name} must be a string")
+        for name in ("recalibrate_bn", "seed", "n_init", "seeds"):
             if name in opts and (isinstance(opts[name], bool) or not isinstance(opts[name], int)):
                 raise ClusteringError(f"{name} must be an integer")
         if "fold_bn" in opts and not isinstance(opts["fold_bn"], bool):
@@ -155,8 +206,8 @@ class ClusteringConfig:
         """URL query parameters, readable when shared: ``metric=cosine&k.layer3.2.conv2=16``.
         Options at their defaults are left out."""
         q: dict[str, str] = {}
-        default = ClusteringConfig()
-        for name in ("metric", "granularity", "seed", "n_init", "recalibrate_bn"):
+        default = ClusteringConfig(recovery=self.recovery)
+        for name in ("metric", "granularity", "space", "recovery", "seed", "n_init", "seeds", "recalibrate_bn"):
             if getattr(self, name) != getattr(default, name):
                 q[name] = str(getattr(self, name))
         if self.fold_bn:
@@ -205,10 +256,18 @@ class ClusteringConfig:
 
         metric = as_choice("metric", METRICS, d.metric)
         granularity = as_choice("granularity", GRANULARITIES, d.granularity)
+        space = as_choice("space", SPACES, d.space)
+        recovery = as_choice("recovery", RECOVERIES, d.recovery)
         fold = as_choice("fold_bn", ("0", "1", "true", "false"), "0") in ("1", "true")
         recal = as_int("recalibrate_bn", 0, MAX_RECALIBRATION_IMAGES, d.recalibrate_bn)
-        seed = as_int("seed", 0, MAX_SEED, d.seed)
+        seeds = as_int("seeds", 1, MAX_SEEDS, d.seeds)
+        seed = as_int("seed", 0, MAX_SEED - seeds + 1, d.seed)
         n_init = as_int("n_init", 1, MAX_N_INIT, d.n_init)
+        if granularity == "kernel" and (space == "data" or recovery == "lsq"):
+            warns.append("space=data and recovery=lsq need granularity=filter; using space=weight, recovery=bn")
+            space, recovery = "weight", ("bn" if recovery == "lsq" else recovery)
+        if recovery == "none" and "recovery" in params and recal > 0:
+            recal = 0  # an explicit "no recovery" wins over a stale image count
         ks = {}
         for key in params:
             if not isinstance(key, str) or not key.startswith("k."):
@@ -222,8 +281,11 @@ class ClusteringConfig:
             if k < n:
                 ks[name] = k
         cfg = cls(ks=ks, metric=metric, granularity=granularity, fold_bn=fold, recalibrate_bn=recal,
-                  seed=seed, n_init=n_init)
+                  seed=seed, n_init=n_init, space=space, recovery=recovery, seeds=seeds)
         return cfg, warns
+
+
+OPTION_FIELDS = ("metric", "granularity", "fold_bn", "recalibrate_bn", "seed", "n_init", "space", "recovery", "seeds")
 
 
 def _layer_order(name: str) -> int:
@@ -264,6 +326,8 @@ class Clustering:
 
     config: ClusteringConfig
     layers: dict[str, LayerClustering]
+    chosen_seed: int | None = None  # with seeds > 1: the k-means seed whose net was kept
+    holdout_top1: dict[int, float] | None = None  # with seeds > 1: held-out training top-1 per seed
 
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,16 +374,25 @@ def kmeans(points: np.ndarray, k: int, seed: int = 0, n_init: int = 3) -> tuple[
 
 
 def cluster_layer(name: str, weight: torch.Tensor, bn: nn.BatchNorm2d | None, k: int,
-                  config: ClusteringConfig) -> LayerClustering:
+                  config: ClusteringConfig, sigma: np.ndarray | None = None) -> LayerClustering:
     """Cluster one conv layer's filters (or kernels) into k clusters and build its replacement.
 
-    weight: (Cout, Cin, kh, kw). Returns a :class:`LayerClustering`. Raises ClusteringError for
-    k out of 1..Cout or fewer distinct points than k.
+    weight: (Cout, Cin, kh, kw). ``sigma``: with ``config.space == "data"``, the second moment of
+    the layer's input patches, (D, D) for D = Cin*kh*kw, or (D+1, D+1) with ``fold_bn`` (the last
+    row and column for the constant input of the bias): k-means then runs on the points ``w @ L``
+    (``Sigma = L L^T``), whose squared distances are the layer's mean squared output error, and a
+    cluster's replacement filter is the mean of its members (cosine: the mean direction in that
+    space, each member keeping its own length there). Returns a :class:`LayerClustering`.
+
+    Raises ClusteringError for k out of 1..Cout, fewer distinct points than k, or a missing or
+    wrongly shaped ``sigma`` in the data space.
     """
     cout = weight.shape[0]
     if not 1 <= k <= cout:
         raise ClusteringError(f"{name}: k = {k} is outside 1..{cout}")
     pts = layer_points(weight, bn, config.granularity, config.fold_bn and config.granularity == "filter")
+    if config.space == "data":
+        return _cluster_data_space(name, weight, pts, k, config, sigma)
     norms = np.linalg.norm(pts, axis=1)
     space = pts
     if config.metric == "cosine":
@@ -336,48 +409,81 @@ def cluster_layer(name: str, weight: torch.Tensor, bn: nn.BatchNorm2d | None, k:
     else:
         replaced = centroids[labels]
         scales = np.ones(len(pts))
-    shape = weight.shape
+    return _layer_result(name, k, weight, config, labels, centroids, inertia, pts, replaced, scales)
+
+
+def _layer_result(name, k, weight, config, labels, centroids, inertia, points, replaced, scales) -> LayerClustering:
+    shape, cout = weight.shape, weight.shape[0]
     bias = None
     if config.granularity == "kernel":
-        new_w = torch.from_numpy(replaced).view(shape)
+        new_w = torch.from_numpy(np.ascontiguousarray(replaced)).view(shape)
         scales = np.ones(cout)
     elif config.fold_bn:
-        new_w = torch.from_numpy(replaced[:, :-1]).view(shape)
-        bias = torch.from_numpy(replaced[:, -1]).float()
-        if config.metric == "cosine":
-            scales = norms
+        new_w = torch.from_numpy(np.ascontiguousarray(replaced[:, :-1])).view(shape)
+        bias = torch.from_numpy(np.ascontiguousarray(replaced[:, -1])).float()
     else:
-        new_w = torch.from_numpy(replaced).view(shape)
-    return LayerClustering(name, k, labels, centroids.astype(np.float32), inertia, pts.astype(np.float32),
-                           new_w.float().contiguous(), bias, torch.from_numpy(np.asarray(scales)).float())
+        new_w = torch.from_numpy(np.ascontiguousarray(replaced)).view(shape)
+    return LayerClustering(name, k, labels, np.asarray(centroids, dtype=np.float32), inertia,
+                           np.asarray(points, dtype=np.float32), new_w.float().contiguous(), bias,
+                           torch.from_numpy(np.asarray(scales, dtype=np.float64)).float())
+
+
+def _cluster_data_space(name, weight, pts, k, config, sigma) -> LayerClustering:
+    from .recovery import whitening
+
+    if sigma is None or sigma.shape != (pts.shape[1], pts.shape[1]):
+        got = "none" if sigma is None else f"{sigma.shape}"
+        raise ClusteringError(f"{name}: space=data needs the second moment of the layer's input patches, "
+                              f"({pts.shape[1]}, {pts.shape[1]}); got {got}")
+    L = whitening(sigma)
+    z = pts @ L  # rows z_i = (L^T w_i)^T: ||z_i - z_j||^2 = (w_i - w_j)^T Sigma (w_i - w_j)
+    lengths = np.linalg.norm(z, axis=1)
+    space = z / np.maximum(lengths, 1e-12)[:, None] if config.metric == "cosine" else z
+    try:
+        labels, centroids, inertia = kmeans(space, k, config.seed, config.n_init)
+    except ClusteringError as e:
+        raise ClusteringError(f"{name}: {e}") from None
+    onehot = np.zeros((len(pts), k))
+    onehot[np.arange(len(pts)), labels] = 1.0
+    if config.metric == "cosine":
+        units = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+        # back to weights: the shared direction units_j L^-1, each member scaled by its own length
+        directions = np.linalg.solve(L.T, units.T).T
+        replaced, scales, centroids = directions[labels] * lengths[:, None], lengths, units
+    else:
+        # the members' mean, computed in weight space so that it is exact whatever k-means' last step
+        means = (onehot.T @ pts) / onehot.sum(0)[:, None]
+        replaced, scales = means[labels], np.ones(len(pts))
+        centroids = means @ L
+    return _layer_result(name, k, weight, config, labels, centroids, inertia, space, replaced, scales)
 
 
 _CACHE = LRUCache(512)  # each entry at most ~150 KB
 
 
-def _tensor_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha1()
-    for t in tensors:
-        h.update(t.detach().float().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def cluster_model(model: nn.Module, config: ClusteringConfig) -> Clustering:
+def cluster_model(model: nn.Module, config: ClusteringConfig, reference=None) -> Clustering:
     """Run k-means for every active layer of ``config`` on ``model``'s filters (model unchanged).
 
-    Results are cached by (layer weights + BN digest, layer, k, options), so the app's repeated
-    requests cost nothing. Raises ClusteringError for invalid configurations.
+    ``reference``: an :class:`explorer.recovery.Reference` of ``model`` on training images, needed
+    for ``space="data"`` (its per-layer second moments). Results are cached by (layer weights + BN
+    digest, layer, k, options, statistics digest), so the app's repeated requests cost nothing.
+    Raises ClusteringError for invalid configurations or a data space without a reference.
     """
     config.validate()
+    if config.space == "data" and reference is None:
+        raise ClusteringError("space=data needs statistics of the layers' inputs on training images "
+                              "(use clustering.prune with the training images)")
     modules = dict(model.named_modules())
     layers = {}
     for name, k in config.active.items():
         conv, bn = modules[name], modules[conv_layer(name).bn]
-        key = (_tensor_digest(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var), name, k,
-               config.metric, config.granularity, config.fold_bn, config.seed, config.n_init)
+        key = (digest(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var), name, k,
+               config.metric, config.granularity, config.fold_bn, config.seed, config.n_init, config.space,
+               reference.key if config.space == "data" else None)
         res = _CACHE.get(key)
         if res is None:
-            res = cluster_layer(name, conv.weight, bn, k, config)
+            sigma = reference.sigma(name, config.fold_bn) if config.space == "data" else None
+            res = cluster_layer(name, conv.weight, bn, k, config, sigma)
             _CACHE.put(key, res)
         layers[name] = res
     return Clustering(config, layers)
@@ -387,8 +493,9 @@ def apply(model: nn.Module, clustering: Clustering, calibration_images: torch.Te
     """A new model (``model`` is never mutated) whose clustered filters are replaced by centroids.
 
     With ``fold_bn`` the layer's BatchNorm becomes the identity plus the clustered bias. When the
-    configuration asks for BN re-estimation, ``calibration_images`` (uint8 (N, 3, 32, 32) training
-    images) must be given; the first ``recalibrate_bn`` of them are used.
+    configuration's recovery is "bn", ``calibration_images`` (uint8 (N, 3, 32, 32) training images)
+    must be given; the first ``recalibrate_bn`` of them are used. (Recovery "lsq" is applied by
+    :func:`prune` after this.)
 
     Raises ClusteringError when re-estimation is asked for without images.
     """
@@ -406,7 +513,7 @@ def apply(model: nn.Module, clustering: Clustering, calibration_images: torch.Te
                 bn.running_mean.zero_()
                 bn.running_var.fill_(1.0 - bn.eps)  # so that sqrt(var + eps) is exactly 1
                 folded.append(bn)
-    if cfg.recalibrate_bn > 0:
+    if cfg.recovery == "bn":
         if calibration_images is None:
             raise ClusteringError("recalibrate_bn needs training images (calibration_images)")
         # A folded BatchNorm is an exact affine (identity + the clustered bias), not a
@@ -444,21 +551,83 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 500
     return model
 
 
+def training_permutation(n_train: int) -> torch.Tensor:
+    """The one fixed permutation (seed 0) of the training split that every statistic, re-fit, BN
+    re-estimation and seed choice draws from: (n_train,) int64."""
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(0))
+
+
+def holdout_size(n_train: int) -> int:
+    """Images at the end of :func:`training_permutation` kept for the seed choice: 2,000 of the
+    real split (a quarter of a small one)."""
+    return min(HOLDOUT_IMAGES, n_train // 4)
+
+
 def calibration_subset(train_images: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
-    """n training images drawn without replacement by a fixed seed: uint8 (n, 3, 32, 32)."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(train_images), generator=g)[:n]
-    return train_images[idx]
+    """The first n images of :func:`training_permutation` (never the held-out ones): uint8
+    (min(n, available), 3, 32, 32). ``seed`` is kept for callers of the older signature; every
+    configuration now uses the same images, so that changing the k-means seed changes nothing
+    else."""
+    perm = training_permutation(len(train_images))
+    available = len(train_images) - holdout_size(len(train_images))
+    return train_images[perm[: min(n, available)]]
 
 
-def prune(model: nn.Module, config: ClusteringConfig, train_images: torch.Tensor | None = None
-          ) -> tuple[nn.Module, Clustering]:
-    """cluster_model + apply in one call: returns (clustered model, clustering). ``train_images``
-    (uint8, the training split) are needed only when ``config.recalibrate_bn`` > 0."""
-    clustering = cluster_model(model, config)
-    calib = None
-    if config.recalibrate_bn > 0:
-        if train_images is None:
-            raise ClusteringError("recalibrate_bn needs the training images")
-        calib = calibration_subset(train_images, config.recalibrate_bn, config.seed)
-    return apply(model, clustering, calib), clustering
+def holdout_subset(train_images: torch.Tensor, train_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out training images and labels that choose among k-means seeds:
+    (uint8 (H, 3, 32, 32), int64 (H,)), disjoint from every calibration subset."""
+    perm = training_permutation(len(train_images))
+    idx = perm[len(perm) - holdout_size(len(perm)):]
+    return train_images[idx], train_labels[idx]
+
+
+def _reference(model: nn.Module, config: ClusteringConfig, train_images: torch.Tensor):
+    from . import recovery
+
+    n = config.recalibrate_bn if config.recovery == "lsq" else DEFAULT_CALIBRATION["lsq"]
+    images = calibration_subset(train_images, n)
+    key = digest(*[t for t in model.state_dict().values()], images, length=20)
+    return recovery.reference(model, images, digest=key)
+
+
+def prune(model: nn.Module, config: ClusteringConfig, train_images: torch.Tensor | None = None,
+          train_labels: torch.Tensor | None = None) -> tuple[nn.Module, Clustering]:
+    """Cluster, apply and recover in one call: returns (clustered model, clustering).
+
+    ``train_images`` (uint8 (N, 3, 32, 32), the training split) are needed for ``space="data"``
+    and any recovery; ``train_labels`` (N,) too for ``seeds`` > 1 (the held-out accuracy that picks
+    the seed). The test split is never an argument. Raises ClusteringError for an invalid
+    configuration or missing training data.
+    """
+    config.validate()
+    if config.seeds > 1:
+        return _best_of_seeds(model, config, train_images, train_labels)
+    if (config.space == "data" or config.recovery != "none") and train_images is None:
+        raise ClusteringError(f"space={config.space}, recovery={config.recovery} needs the training images")
+    ref = _reference(model, config, train_images) if config.space == "data" or config.recovery == "lsq" else None
+    clustering = cluster_model(model, config, ref)
+    calib = calibration_subset(train_images, config.recalibrate_bn) if config.recovery == "bn" else None
+    new = apply(model, clustering, calib)
+    if config.recovery == "lsq":
+        from .recovery import lsq_recover
+
+        lsq_recover(new, clustering, ref)
+    return new, clustering
+
+
+def _best_of_seeds(model, config, train_images, train_labels) -> tuple[nn.Module, Clustering]:
+    from .evaluate import predict_logits
+
+    if train_images is None or train_labels is None:
+        raise ClusteringError("seeds > 1 needs the training images and labels (held-out accuracy picks the seed)")
+    images, labels = holdout_subset(train_images, train_labels)
+    best = None
+    scores = {}
+    for s in range(config.seed, config.seed + config.seeds):
+        m, cl = prune(model, replace(config, seed=s, seeds=1), train_images)
+        top1 = float((predict_logits(m, images).argmax(1) == labels).float().mean())
+        scores[s] = top1
+        if best is None or top1 > best[0]:
+            best = (top1, m, cl)
+    _, m, cl = best
+    return m, Clustering(config, cl.layers, chosen_seed=cl.config.seed, holdout_top1=scores)
