@@ -363,10 +363,20 @@ def test_charts_build_with_tooltips_and_class_names():
                   charts.confusion_chart(cmp.confusion_delta, cmp.baseline.classes, "Diff", kind="delta")):
         spec = json.dumps(chart.to_dict())
         assert "tooltip" in spec and "airplane" in spec
-    p = projection.embed(np.random.default_rng(0).normal(size=(16, 9)), None, "pca")
-    pts, cents = charts.projection_frame(p, None, np.ones(16), [str(i) for i in range(16)])
-    assert cents is None and list(pts["cluster"]) == list(range(16))
+    from explorer.model import resnet20
+
+    lmap = projection.layer_map(resnet20().eval(), ClusteringConfig(), "conv1")
+    p = projection.embed(lmap.space, None, "pca")
+    pts, cents = charts.projection_frame(p, lmap)
+    assert cents is None and list(pts["cluster"]) == list(range(16)) and list(pts["cluster size"]) == [1] * 16
     assert "tooltip" in json.dumps(charts.projection_chart(pts, cents, "t").to_dict())
+    clustered = projection.layer_map(resnet20().eval(), ClusteringConfig(ks={"conv1": 4}), "conv1")
+    pts, cents = charts.projection_frame(projection.embed(clustered.space, clustered.centroids, "pca"), clustered)
+    sizes = clustered.cluster_sizes()
+    assert sizes.sum() == 16 and list(cents["members"]) == list(sizes)
+    assert list(pts["cluster size"]) == [int(sizes[c]) for c in clustered.labels]
+    order, w, shown = clustered.thumbnails(3)  # the largest clusters' centroids, largest first
+    assert w.shape == (3, 3, 3, 3) and list(shown) == sorted(sizes, reverse=True)[:3]
     img = charts.filter_mosaic(np.random.default_rng(0).normal(size=(16, 3, 3)), scale=3)
     assert img.dtype == np.uint8 and img.shape == (45, 45, 3)
 

@@ -11,7 +11,6 @@ from explorer.clustering import ClusteringConfig, apply, cluster_model, prune
 from explorer.compress import (
     CompressedResNet20,
     count_macs,
-    count_params,
     compress,
     export_onnx,
     load_compressed,
@@ -19,7 +18,7 @@ from explorer.compress import (
     save_compressed,
 )
 from explorer.data import synthetic_cifar10
-from explorer.model import CONV_LAYERS, conv_layer, resnet20
+from explorer.model import CONV_LAYERS, conv_layer, count_parameters, resnet20
 
 from _models import randomized_model
 
@@ -102,7 +101,7 @@ def test_compressed_logits_match_apply(model, x, calib, name):
     with torch.no_grad():
         torch.testing.assert_close(small(x.contiguous(memory_format=torch.channels_last)), ref, rtol=0, atol=1e-4)
     assert count_macs(small) == hand_macs(small.specs)
-    assert count_params(small) == hand_params(small.specs)
+    assert count_parameters(small) == hand_params(small.specs)
     if cfg.active and cfg.granularity == "filter":
         assert count_macs(small) < BASELINE_MACS
 
@@ -159,7 +158,7 @@ def test_unclustered_compress_has_19_full_width_convs(model, x, clustering):
         torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-4)
     assert count_macs(small) == BASELINE_MACS
     # BN folded into a bias: 2 * Cout BN parameters become Cout biases
-    assert count_params(small) == BASELINE_PARAMS - sum(c.filters for c in CONV_LAYERS)
+    assert count_parameters(small) == BASELINE_PARAMS - sum(c.filters for c in CONV_LAYERS)
 
 
 def test_compress_does_not_mutate_its_input(model, calib):

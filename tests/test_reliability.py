@@ -213,11 +213,11 @@ def test_upload_size_limit_matches_the_server_setting(repo_root):
 
     conf = tomllib.loads((repo_root / ".streamlit" / "config.toml").read_text())
     assert conf["server"]["maxUploadSize"] == sup.MAX_UPLOAD_MB
-    assert "max_upload_size=sup.MAX_UPLOAD_MB" in (repo_root / "streamlit_app.py").read_text()
+    assert "max_upload_size=sup.MAX_UPLOAD_MB" in (repo_root / "explorer" / "app" / "sidebar.py").read_text()
 
 
 def test_upload_link_from_another_session_warns():
-    from explorer.app import support as sup
+    from explorer.app import state
 
     view, warns = state.parse_query({"ckpt": "upload:teammate"}, ["a"])
     assert view.ckpt == "a" and len(warns) == 1 and "uploaded in another session" in warns[0]
