@@ -4,47 +4,40 @@ Two paths, both reusing what did not change:
 
 - ``logits()``: pure fp32, equal to a plain eager fp32 evaluation up to float rounding.
 - ``predictions()`` (what :meth:`FastEvaluator.evaluate` reports; the mixed path where the CPU has
-  native BF16, e.g. AVX-512 BF16, where a 3x3 conv runs up to 8x faster than in fp32): a pass of a
-  bf16 copy of the net over all images, with ReLU and residual add fused into the convs; then the
-  bf16 error of this very net is measured on a fixed random audit sample of 200 images (fp32 and
-  bf16, both cached like any activation) as its :func:`flip_error` (the error that can flip a
-  prediction), the re-check bound is set to tau = 2 x that error (at least 0.05), and every image
-  whose bf16 top-2 logit margin is below tau is re-computed in fp32 (from the deepest cached fp32
-  activation, else from the fp32 activations cached for the rows re-checked under the same upstream
-  units, else from the input). If a re-checked image shows a larger error than the audit, the
-  bound is widened to 2 x that error and the re-check repeated. An image keeps its bf16 prediction
-  only when its margin is at least twice the largest flip error observed, so predictions equal fp32
-  ones except, at worst, on near-ties (tests check this on several random configurations of the
-  real test split; ``python -m explorer.bench --exactness``: on 45 configurations of 3 random slider
-  sequences none differed, the starting tau was at least 1.06x the flip error of every image, and
-  with half the safety factor at most 1 prediction would have differed). The bound is statistical:
-  the audit is a sample of the images. ``EXPLORER_ENGINE_PRECISION=fp32``
-  forces the fp32 path.
+  native BF16): a pass of a bf16 copy of the net over all images, with ReLU and residual add fused
+  into the convs; the bf16 error of this very net is measured on a fixed random audit sample of 200
+  images (fp32 and bf16, both cached like any activation) as its :func:`flip_error` (the error that
+  can flip a prediction); the re-check bound is tau = 2 x that error (at least 0.05), and every
+  image whose bf16 top-2 logit margin is below tau is re-computed in fp32 (from the deepest cached
+  fp32 activation, else from the fp32 activations cached for the rows re-checked under the same
+  upstream units, else from the input). If a re-checked image shows a larger error than the
+  audit, the bound is widened to 2 x that error and the re-check repeated. An image keeps its bf16
+  prediction only when its margin is at least twice the largest flip error observed, so
+  predictions equal fp32 ones except, at worst, on near-ties. The bound is statistical: the audit
+  is a sample of the images. ``EXPLORER_ENGINE_PRECISION=fp32`` forces the fp32 path.
 
 Reuse:
 
 - The net evaluated is the structurally compressed one (:mod:`explorer.compress`) in its fastest
-  exact form (:func:`inference_form`): only the k distinct filters of a clustered conv are computed
-  where that is faster, the gather to Cout channels is a 1x1 conv with one nonzero per output
-  channel, BatchNorm is folded into the convs, inputs are channels_last,
-  ReLU and residual adds run in place, everything under ``torch.inference_mode``, batch 250 (a
-  stage-1 activation batch then fits the L2 cache better than at 1000: 5.7 s vs 6.5 s a full fp32
-  pass, measured).
+  exact form (:func:`inference_form`), BatchNorm folded into the convs, inputs channels_last, ReLU
+  and residual adds in place, under ``torch.inference_mode``, batch 250.
 - The net is cut into 10 units (stem, then the 9 BasicBlocks) plus the head. Each unit gets a
-  chained digest: sha1(previous digest + the unit's weights and shapes). The output of unit u for
-  all images depends only on units 0..u, so it is cached under that digest (and precision); a slider
-  change in a layer of unit c reuses the cached output of unit c-1 and recomputes only units c..9.
+  chained digest (:func:`unit_digests`): the output of unit u for all images depends only on units
+  0..u, so it is cached under that digest (and precision); a slider change in a layer of unit c
+  reuses the cached output of unit c-1 and recomputes only units c..9.
 - Cache policy: one LRU shared by all sessions of a process, bounded in bytes
-  (``EXPLORER_ACTIVATION_CACHE_MB``, default 1408 MB, where the bf16 outputs of units 2-8, 1,312 MB,
-  fit). For 10,000 images a unit output is 655 /
-  328 / 164 MB in fp32 (stages 1 / 2 / 3) and half that in bf16; an output is cached only if it is
-  at most a third of the budget, only units 0..8 are kept (unit 9 feeds just the classifier), and
-  one evaluation keeps its deepest outputs first until the budget is used, so the transient
-  allocation is bounded too. Outputs are kept as the per-batch tensors the units produced (no
-  copy).
+  (``EXPLORER_ACTIVATION_CACHE_MB``, default 1408 MB, where the bf16 outputs of units 2-8 fit).
+  For 10,000 images a unit output is 655 / 328 / 164 MB in fp32 (stages 1 / 2 / 3) and half that
+  in bf16; an output is cached only if it is at most a third of the budget, only units 0..8 are
+  kept (unit 9 feeds just the classifier), and one evaluation keeps its deepest outputs first until
+  the budget is used, so the transient allocation is bounded too. Outputs are kept as the
+  per-batch tensors the units produced (no copy).
 - Optional preview: a fixed stratified subset (200 images per class), answered from the same
   caches by the bf16 pass alone (no re-check: it may differ from fp32 on near-ties); labelled a
   preview wherever shown and followed by the full, re-checked result.
+
+Measurements behind these choices (speed-ups, exactness over 45 real configurations, memory):
+docs/engine.md.
 """
 from __future__ import annotations
 
@@ -99,11 +92,10 @@ def _fused_available() -> bool:
 def _conv_relu(m: CompressedConv, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """ReLU(m(x) [+ residual]) with the ReLU (and the add) fused into the last conv as oneDNN post-ops.
 
-    On these 2 cores a bf16 conv + ReLU runs 1.0-1.4x faster fused, conv + add + ReLU 1.2-1.5x
-    (measured per stage, batch 250, channels_last), and a full bf16 pass 1.28x (4 configurations of
-    the benchmark's sequence): the separate ReLU and add are full passes over memory-bound activations. The add is done before the output is rounded, so in bf16
-    the result differs from the unfused one by rounding only (the engine's audit measures the error
-    of exactly this computation); in fp32 it is identical (measured)."""
+    The separate ReLU and add are full passes over memory-bound activations (docs/engine.md). The
+    add is done before the output is rounded, so in bf16 the result differs from the unfused one by
+    rounding only (the engine's audit measures the error of exactly this computation); in fp32 it
+    is identical."""
     if m.gathered:
         x = F.conv2d(x, m.conv.weight, None, m.conv.stride, 1)
         w, b, stride, pad = m.gather_weight(x.shape[1]), m.shift, [1, 1], [0, 0]
@@ -147,9 +139,8 @@ def inference_form(net: CompressedResNet20) -> CompressedResNet20:
     """A copy of ``net`` computing the same function (up to float rounding) in the form that runs
     fastest here: a gathered conv (k distinct filters, then a 1x1 gather + affine to Cout
     channels) stays so only where that is faster (:func:`_gather_pays`), else becomes one dense
-    conv with the affine folded in (weight[c] = scale[c] * D[index[c]], bias = shift). Measured
-    on 4 configurations of the benchmark's slider sequence (full passes, min of 5): a bf16 pass
-    1.20x faster than the compressed net's own form, fp32 1.04x.
+    conv with the affine folded in (weight[c] = scale[c] * D[index[c]], bias = shift); the
+    speed-up is in docs/engine.md.
 
     ``net`` is not mutated; shapes: as :class:`~explorer.compress.CompressedResNet20`. For the
     engine only: the copy keeps ``net.specs`` (the compressed structure), so MACs, parameters and
@@ -387,7 +378,7 @@ class FastEvaluator:
         """Run ``fn`` on the engine's one worker thread and wait for it. Evaluations run one at a
         time: on 2 cores concurrent passes only interleave (no throughput gained) while each would
         hold its own transient activations, and oneDNN keeps a scratchpad per calling thread
-        (measured: 3 session threads took the peak RSS from 3.5 to 4.5 GB)."""
+        (docs/engine.md, "Memory")."""
         return self._worker.submit(fn, *args).result()
 
     def logits(self, net: CompressedResNet20, preview: bool = False) -> torch.Tensor:
@@ -507,12 +498,11 @@ _NATIVE_BOUND = False
 def bound_native_memory(primitive_cache: int = 128) -> None:
     """Keep native memory of a long-running evaluating process bounded (process-wide, once).
 
-    Two growths measured on a slider sequence (RSS 2.5 GB -> 11 GB, cache bytes unchanged): oneDNN
-    keeps one conv primitive (about 5 MB) per distinct shape - every k and every re-check batch size -
-    up to 1024 of them (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, read at its first use, lowered here
-    unless set); and glibc keeps freed multi-MB activation buffers in its heap, which
-    :func:`release_free_memory` hands back after each evaluation. (Serving such buffers by mmap
-    instead, ``M_MMAP_THRESHOLD``, bounds it too but made a bf16 pass 1.8x slower.)"""
+    Two native growths (docs/engine.md, "Memory"): oneDNN keeps one conv primitive (about 5 MB)
+    per distinct shape - every k and every re-check batch size - up to 1024 of them
+    (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, read at its first use, lowered here unless set); and glibc
+    keeps freed multi-MB activation buffers in its heap, which :func:`release_free_memory` hands
+    back after each evaluation."""
     global _NATIVE_BOUND
     if _NATIVE_BOUND:
         return

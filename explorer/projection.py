@@ -19,9 +19,8 @@ uses ``clip(P // 3, 2, 15)`` (5 neighbours for 16 filters, 10 for 32, 15 from 45
 umap-learn's default). With fewer than :data:`MIN_UMAP_POINTS` points UMAP is not meaningful and
 :func:`embed` falls back to PCA (``Projection.method`` then says ``"pca"`` and ``note`` says why).
 
-Cost: the first UMAP fit in a process compiles umap-learn's numba kernels (from about 30 s on an
-idle 2-core machine to a few minutes on a busy one); later fits of a 16-64 point layer take well
-under a second. :func:`submit_embed` therefore runs embeddings on one background thread (lower
+Cost: the first UMAP fit in a process compiles umap-learn's numba kernels (tens of seconds to
+minutes, docs/engine.md); later fits of a 16-64 point layer take well under a second. :func:`submit_embed` therefore runs embeddings on one background thread (lower
 priority where the OS allows), so a page can show a PCA preview and poll instead of blocking; UMAP
 runs single-threaded (``random_state`` set), so it never competes with torch for more than one core.
 (A worker *process* would isolate the compile further, but Streamlit installs the app script as

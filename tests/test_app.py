@@ -529,13 +529,10 @@ CONCURRENT = [{"k.layer3.2.conv2": "8"}, {"k.layer3.2.conv2": "16"}, {"k.layer3.
 def _explorer_state(exp) -> dict:
     """Digests of what an Explorer shares between sessions: the base model's weights, the data, the
     baseline evaluation, and every cached result (its clustered weights and evaluation)."""
-    import hashlib
+    from explorer.digest import digest as _digest
 
     def digest(tensors) -> str:
-        h = hashlib.sha256()
-        for t in tensors:
-            h.update(np.ascontiguousarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t).tobytes())
-        return h.hexdigest()
+        return _digest(*tensors, algorithm="sha256")
 
     return {
         "model": digest(exp.model.state_dict().values()),
@@ -556,91 +553,58 @@ def _assert_bounded(exp) -> None:
 
 
 @pytest.mark.realdata
-def test_concurrent_sessions_get_their_own_results(app_env, reference, monkeypatch):
-    """Four teammates at once: four AppTest sessions run from threads simultaneously, each with its own
-    URL configuration, against the one shared Explorer of the process. Each shows the results of its
-    own configuration (as an independent Explorer computes them); the shared model, data, baseline and
-    cached results are not mutated; the activation and result caches stay within their bounds.
-
-    AppTest installs a process-global mock Runtime (and a config patch) for the length of each run and
-    removes it at the end; overlapping runs would pull it from under each other, so the test keeps the
-    last mock available and holds the config patch around all the runs (a real server has one Runtime)."""
-    import gc
+def test_concurrent_sessions_get_their_own_results(ckpt_dir, jpeg_root, reference):
+    """Four teammates at once against one shared Explorer, as the app's sessions share the one
+    ``st.cache_resource`` Explorer of the process: four threads each make the page's calls for one
+    slider move (preview, then the full run) at the same time. Each gets the results an independent
+    Explorer computes for its configuration; the shared model, data, baseline and earlier cached
+    results are not mutated; the activation and result caches stay within their bounds. (The same
+    with four real browser sessions on one server: tests/test_browser.py.)"""
     import threading
 
-    from streamlit.runtime import Runtime
-    from streamlit.testing.v1.util import patch_config_options
-
     from explorer import clustering
+    from explorer.data import load_cifar10
     from explorer.pipeline import Explorer
 
     ref, _ = reference
-    last = {}
-
-    def instance(cls):
-        if cls._instance is not None:
-            last["rt"] = cls._instance
-            return cls._instance
-        if "rt" not in last:
-            raise RuntimeError("Runtime hasn't been created!")
-        return last["rt"]
-
-    monkeypatch.setattr(Runtime, "instance", classmethod(instance))
-    monkeypatch.setattr(Runtime, "exists", classmethod(lambda cls: cls._instance is not None or "rt" in last))
-
-    warm = make_app({"proj": "pca"}).run()  # loads the process's shared Explorer (and its baseline) once
-    no_exception(warm)
-    assert "rt" in last
-    shared = [e for e in gc.get_objects() if type(e) is Explorer and e is not ref]
-    assert shared
-    before = {id(e): _explorer_state(e) for e in shared}
-
-    barrier = threading.Barrier(len(CONCURRENT))
+    shared = Explorer(ckpt.load_model(ckpt_dir / f"{NAME}.pt"), load_cifar10(jpeg_root), NAME)
+    shared.run(ClusteringConfig(ks={"layer3.2.conv2": 4}))  # an earlier session's result, to be left alone
+    before = _explorer_state(shared)
+    configs = [ClusteringConfig(ks={layer[2:]: int(k)}) for params in CONCURRENT for layer, k in params.items()]
+    barrier = threading.Barrier(len(configs))
     results: dict[int, object] = {}
-    spans: dict[int, tuple[float, float]] = {}
 
-    def session(i: int, params: dict) -> None:
+    def session(i: int, config: ClusteringConfig) -> None:
         try:
-            at = make_app({**params, "proj": "pca"})
             barrier.wait(timeout=60)
-            t0 = time.monotonic()
-            results[i] = at.run()
-            spans[i] = (t0, time.monotonic())
+            shared.preview(config)
+            results[i] = shared.run(config)
         except BaseException as e:  # reported below, with the session it came from
             results[i] = e
 
-    with patch_config_options({"global.appTest": True}):
-        threads = [threading.Thread(target=session, args=(i, p), name=f"session-{i}") for i, p in enumerate(CONCURRENT)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT)
+    threads = [threading.Thread(target=session, args=(i, c), name=f"session-{i}") for i, c in enumerate(configs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
     assert not any(t.is_alive() for t in threads)
-    if len(spans) == len(CONCURRENT):
-        assert max(s for s, _ in spans.values()) < min(e for _, e in spans.values())  # the runs overlapped
+    params = set()
+    for i, config in enumerate(configs):
+        got = results[i]
+        assert not isinstance(got, BaseException), f"session {i} {config.ks}: {got!r}"
+        want = ref.run(config)
+        params.add(want.compression.params)
+        assert got.config == config
+        assert got.evaluation.top1 == want.evaluation.top1, f"session {i} {config.ks}"
+        assert np.array_equal(got.evaluation.confusion, want.evaluation.confusion), f"session {i}"
+        assert got.compression.params == want.compression.params and got.compression.macs == want.compression.macs
+    assert len(params) == len(configs)  # four genuinely different configurations
 
-    expected_params = set()
-    for i, params in enumerate(CONCURRENT):
-        at = results[i]
-        assert not isinstance(at, BaseException), f"session {i} {params}: {at!r}"
-        no_exception(at)
-        layer, k = next(iter(params.items()))
-        want = ref.run(ClusteringConfig(ks={layer[2:]: int(k)}))
-        expected_params.add(want.compression.params)
-        assert at.query_params == {"ckpt": NAME, layer: k, "proj": "pca"}, f"session {i}"
-        assert sliders(at)[layer] == int(k)
-        assert metric(at, "Pruned top-1") == charts.pct(want.evaluation.top1), f"session {i} {params}"
-        assert metric(at, "Unique parameters") == charts.count(want.compression.params), f"session {i} {params}"
-        correct = int(np.trace(want.evaluation.confusion))
-        assert any(c.value.startswith(f"{correct:,} of 10,000 test images correct") for c in at.caption), i
-    assert len(expected_params) == len(CONCURRENT)  # four genuinely different configurations
-
-    for e in shared:
-        after = _explorer_state(e)
-        was = before[id(e)]
-        assert after["model"] == was["model"] and after["data"] == was["data"] and after["baseline"] == was["baseline"]
-        for key, entry in was["results"].items():  # results cached before the sessions are unchanged
-            assert after["results"].get(key, entry) == entry
-        _assert_bounded(e)
+    after = _explorer_state(shared)
+    assert after["model"] == before["model"] and after["data"] == before["data"]
+    assert after["baseline"] == before["baseline"]
+    for key, entry in before["results"].items():  # results cached before the sessions are unchanged
+        assert after["results"].get(key, entry) == entry
+    _assert_bounded(shared)
     _assert_bounded(ref)
     assert len(clustering._CACHE) <= clustering._CACHE.maxsize

@@ -2,7 +2,8 @@
 driven by Debian's Chromium through Playwright. Loads the page, moves a slider with the keyboard,
 checks that the accuracy shown changes (and the URL with it), and saves ``docs/screenshot.png``;
 opens the Analysis page (``?page=analysis``, the result files in the checkpoint directory), checks
-that its charts draw, and saves ``docs/analysis.png``.
+that its charts draw, and saves ``docs/analysis.png``; and four browser sessions at once, each on
+its own URL, each showing what an independent Explorer computes for its configuration.
 
 Needs ``/usr/bin/chromium`` (``apt-get install chromium``): skipped when it is missing, except under
 ``CI`` where that is a failure. Uses the real test split and the checkpoint in ``checkpoints/`` (a
@@ -33,6 +34,8 @@ BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networkin
                 "--disable-dev-shm-usage"]
 WAIT_MS = int(float(os.environ.get("EXPLORER_BROWSER_TIMEOUT", 900)) * 1000)  # busy 2-core machines are slow
 SLIDER = "layer3.2.conv2"
+# Last block only: each reuses the server's cached input of that block.
+CONCURRENT = ({"layer3.2.conv2": 8}, {"layer3.2.conv2": 16}, {"layer3.2.conv2": 32}, {"layer3.2.conv1": 24})
 
 
 def _free_port() -> int:
@@ -157,5 +160,52 @@ def test_analysis_page_in_chromium(server, chromium):
                 page.wait_for_timeout(3000)
             ANALYSIS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ANALYSIS_SCREENSHOT))
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def expected(jpeg_root, tmp_path_factory):
+    """Headline values of the CONCURRENT configurations from an Explorer of this process."""
+    import torch
+
+    from explorer import checkpoints as ckpt
+    from explorer.app import charts
+    from explorer.clustering import ClusteringConfig
+    from explorer.data import load_cifar10
+    from explorer.pipeline import Explorer
+
+    torch.set_num_threads(1)
+    d = stable_checkpoint_dir(tmp_path_factory.mktemp("expected"))
+    exp = Explorer(ckpt.load_model(d / f"{ckpt.DEFAULT_NAME}.pt"), load_cifar10(jpeg_root), ckpt.DEFAULT_NAME)
+    out = []
+    for ks in CONCURRENT:
+        r = exp.run(ClusteringConfig(ks=ks))
+        out.append((charts.pct(r.evaluation.top1), charts.count(r.compression.params)))
+    assert len({p for _, p in out}) == len(CONCURRENT)  # four genuinely different configurations
+    return out
+
+
+def test_concurrent_sessions_in_chromium(server, chromium, expected):
+    """Four teammates at once: four browser sessions open their own URLs on the one server (one
+    shared Explorer) before any answer is awaited; each shows its own configuration's top-1 and
+    unique parameters, and keeps its own URL."""
+    from playwright.sync_api import expect, sync_playwright
+
+    def metric(page, label):
+        return page.locator('[data-testid="stMetric"]').filter(has_text=label).locator('[data-testid="stMetricValue"]')
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=BROWSER_ARGS)
+        try:
+            pages = [browser.new_context(viewport={"width": 1400, "height": 900}).new_page() for _ in CONCURRENT]
+            queries = ["&".join(f"k.{layer}={k}" for layer, k in ks.items()) for ks in CONCURRENT]
+            for page, q in zip(pages, queries):
+                page.goto(f"{server}/?proj=pca&{q}", wait_until="commit")
+            for page, q, (top1, params) in zip(pages, queries, expected):
+                expect(metric(page, "Pruned top-1")).to_have_text(top1, timeout=WAIT_MS)
+                expect(metric(page, "Unique parameters")).to_have_text(params, timeout=60_000)
+                assert q in page.url
+            assert all(p.locator('[data-testid="stException"]').count() == 0 for p in pages)
         finally:
             browser.close()

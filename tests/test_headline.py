@@ -1,0 +1,81 @@
+"""The README's headline figures, asserted exactly on the shipped checkpoints (real CIFAR-10 test
+split, JPEG copy). Each figure belongs to one checkpoint file, named by its content hash: when a
+checkpoint is retrained or replaced the test fails and says so, because the README (and this table)
+must then be re-measured."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from explorer.data import CLASSES
+from explorer.digest import digest
+
+pytestmark = pytest.mark.realdata
+
+REPO = Path(__file__).resolve().parent.parent
+CKPT = REPO / "checkpoints"
+# checkpoint file -> (sha256 of its bytes, the README's figures for it)
+HEADLINE = {
+    "resnet20_cifar10.pt": ("1bac31f722154c04d79186bdfa83691421230c28b2ebe91db1a64f0c0fb28a3d", {
+        "baseline_top1": 0.8913,
+        "k3": {"top1": 0.1002, "params": 18_955, "macs": 4_562_560, "baseline_params": 269_722,
+               "baseline_macs": 40_551_040},
+    }),
+    "resnet20_cifar10_p58_kd_ft.pt": ("929d90b529990d7e13d4936d7cd81cb1d3b3fd310e73ab4e523acc67cf288932", {
+        "top1": 0.8779, "macs": 23_814_784, "params": 159_888,
+    }),
+}
+
+
+def pinned(name: str) -> dict:
+    """The README figures of checkpoint ``name``; fails when the file is not the one they were
+    measured on."""
+    path = CKPT / name
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: it ships with the repository")
+    want_sha, figures = HEADLINE[name]
+    sha = digest(path.read_bytes(), algorithm="sha256")
+    assert sha == want_sha, (f"{name} is not the checkpoint the README's figures were measured on (sha256 {sha}); "
+                             f"re-measure them and update the README and tests/test_headline.py")
+    return figures
+
+
+def test_k3_everywhere_on_the_shipped_checkpoint(jpeg_root):
+    """``python -m explorer.prune --k 3`` as the README shows it: 10.02% top-1, 18,955 unique
+    parameters, 4,562,560 MACs (the first write-up's experiment falls to chance)."""
+    want = pinned("resnet20_cifar10.pt")
+    env = {**os.environ, "EXPLORER_DATA": str(jpeg_root), "OMP_NUM_THREADS": "1"}
+    # ~70 s of CPU on an idle 2-core machine; EXPLORER_CLI_TIMEOUT raises the limit on a busy one.
+    proc = subprocess.run([sys.executable, "-m", "explorer.prune", "--k", "3", "--json", "--threads", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=float(os.environ.get("EXPLORER_CLI_TIMEOUT", 300)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads(proc.stdout)
+    k3 = want["k3"]
+    assert s["config"]["ks"] == {n: 3 for n in s["config"]["ks"]} and len(s["config"]["ks"]) == 19
+    assert round(s["top1"], 4) == k3["top1"] and round(s["baseline_top1"], 4) == want["baseline_top1"]
+    assert round(100 * s["top1_delta"], 2) == -79.11
+    assert (s["params"], s["macs"]) == (k3["params"], k3["macs"])
+    assert (s["baseline_params"], s["baseline_macs"]) == (k3["baseline_params"], k3["baseline_macs"])
+    assert [r["class"] for r in s["per_class"]] == list(CLASSES)
+    pruned = {r["class"]: r["pruned"] for r in s["per_class"]}
+    assert pruned["horse"] == 1.0  # almost every image is called "horse"
+    assert all(pruned[c] <= 0.002 for c in CLASSES if c != "horse")
+
+
+def test_p58_fine_tuned_net(real_data):
+    """The shipped p58 fine-tuned net re-clustered with its configuration finds exactly its
+    clusters: 87.79% top-1 with 23,814,784 MACs (the last headline row)."""
+    from explorer import ClusteringConfig, Explorer, load_model
+
+    want = pinned("resnet20_cifar10_p58_kd_ft.pt")
+    config = ClusteringConfig.from_json((CKPT / "resnet20_cifar10_p58_kd_ft.config.json").read_text())
+    explorer = Explorer(load_model(CKPT / "resnet20_cifar10_p58_kd_ft.pt"), real_data, "resnet20_cifar10_p58_kd_ft")
+    r = explorer.run(config)
+    assert round(r.evaluation.top1, 4) == want["top1"]
+    assert (r.compression.macs, r.compression.params) == (want["macs"], want["params"])
