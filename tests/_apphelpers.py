@@ -12,6 +12,14 @@ from explorer import checkpoints as ckpt
 NAME = ckpt.DEFAULT_NAME
 
 
+def unavailable(msg: str) -> None:
+    """Skip a test whose data, checkpoint or browser is missing, except under ``CI``, where the
+    whole suite must run: there it fails."""
+    if os.environ.get("CI"):
+        pytest.fail(msg + "; under CI this test must run, not be skipped")
+    pytest.skip(msg)
+
+
 def stable_checkpoint_dir(tmp_dir: Path) -> Path:
     """A checkpoint directory whose weights do not change during the tests: ``checkpoints/`` itself
     once its checkpoint is complete, else a snapshot copy (``.pt`` + ``.json``) in ``tmp_dir`` of the
@@ -21,10 +29,7 @@ def stable_checkpoint_dir(tmp_dir: Path) -> Path:
     real = ckpt.DEFAULT_DIR
     info = next((i for i in ckpt.list_checkpoints(real) if i.name == NAME), None)
     if info is None or not info.path.is_file():
-        msg = f"no {NAME} checkpoint in {real}"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable(f"no {NAME} checkpoint in {real}")
     if info.complete and not info.training:
         return real
     tmp_dir.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,16 @@ def _shown(path: Path) -> str:
         return str(p)
 
 
+def _read_or_warn(path: Path, load):
+    """``load()``, or None after an ``st.warning`` naming ``path`` when the file cannot be read
+    (bad JSON, missing fields, odd values): a result file never raises into the page."""
+    try:
+        return load()
+    except READ_ERRORS as e:
+        st.warning(f"`{path.name}` could not be read: {e}", icon=":material/warning:")
+        return None
+
+
 def _variant_label(granularity: str, fold_bn: bool, recal: int) -> str:
     parts = [granularity]
     if fold_bn:
@@ -111,13 +121,11 @@ def sensitivity_section(path: Path, checkpoint: Path | None) -> None:
                 f"`{cmd}`\n\n(add `--metric both` for the cosine metric too).",
                 icon=":material/info:")
         return
-    try:
-        df = read_result("sensitivity", path)
-        if not df.empty:
-            df = df.assign(recalibrate_bn=df["recalibrate_bn"].astype(int), fold_bn=df["fold_bn"].astype(bool))
-    except READ_ERRORS as e:
-        st.warning(f"`{path.name}` could not be read: {e}", icon=":material/warning:")
+    df = _read_or_warn(path, lambda: read_result("sensitivity", path))
+    if df is None:
         return
+    if not df.empty:
+        df = df.assign(recalibrate_bn=df["recalibrate_bn"].astype(int), fold_bn=df["fold_bn"].astype(bool))
     if df.empty:
         st.info(f"`{path.name}` has no points yet; `{cmd}` adds them.", icon=":material/info:")
         return
@@ -193,15 +201,16 @@ def search_section(path: Path, name: str, checkpoint: Path | None, ft_metas: lis
                 f"(greedy per-layer k for top-1 budgets of 0.5, 1 and 2 points, every step verified on the test "
                 f"split; it first completes the euclidean sensitivity sweep it needs).", icon=":material/info:")
         return
-    try:
+    def tables():
         doc = read_result("search", path)
-        table = pareto_table(doc)
         base_top1 = float(doc["header"]["baseline_top1"])
-        bests = best_configurations(doc)
         extra = finetuned_points([m for m in ft_metas if m.get("after") and m.get("compression")], base_top1)
-    except READ_ERRORS as e:
-        st.warning(f"`{path.name}` could not be read: {e}", icon=":material/warning:")
+        return doc, pareto_table(doc), base_top1, best_configurations(doc), extra
+
+    loaded = _read_or_warn(path, tables)
+    if loaded is None:
         return
+    doc, table, base_top1, bests, extra = loaded
     if table.empty:
         st.info(f"`{path.name}` has no verified configuration yet; `{cmd}` adds them.", icon=":material/info:")
         return
