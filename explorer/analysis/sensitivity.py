@@ -5,7 +5,7 @@ up to L's filter count, cluster *only* L to k and evaluate the net on the test s
 through :meth:`explorer.pipeline.Explorer.run`): top-1 and per-class accuracy, their deltas against
 the unclustered checkpoint, and the compressed net's MACs and parameters. k = filter count is the
 reference point (delta exactly 0). Changing only layer L reuses the engine's cached activations up
-to L's unit, so a sweep costs far fewer than one full pass per point (docs/analysis.md).
+to L's unit, so a sweep costs far fewer than one full pass per point (docs/engine.md, "Analyses").
 
 Resumable: every point is stored under a key (layer, k and the clustering options) in
 ``checkpoints/<name>.sensitivity.json``, rewritten atomically after each point; a rerun skips the
