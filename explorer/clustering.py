@@ -185,9 +185,10 @@ class ClusteringConfig:
         if not isinstance(ks, Mapping):
             raise ClusteringError("ks must map layer names to integers")
         opts = {k: d[k] for k in OPTION_FIELDS if k in d}
-        for name in ("metric", "granularity", "space", "recovery"):
-            if name in opts and not isinstance(opts[name], str):
-                raise ClusteringError(f"{name} must be a string")
+        choices = {"metric": METRICS, "granularity": GRANULARITIES, "space": SPACES, "recovery": RECOVERIES}
+        for name, allowed in choices.items():
+            if name in opts and not isinstance(opts[name], str):  # a list would not even hash
+                raise ClusteringError(f"{name} must be one of {allowed}, got {opts[name]!r}")
         for name in ("recalibrate_bn", "seed", "n_init", "seeds"):
             if name in opts and (isinstance(opts[name], bool) or not isinstance(opts[name], int)):
                 raise ClusteringError(f"{name} must be an integer")
@@ -206,10 +207,15 @@ class ClusteringConfig:
         """URL query parameters, readable when shared: ``metric=cosine&k.layer3.2.conv2=16``.
         Options at their defaults are left out."""
         q: dict[str, str] = {}
-        default = ClusteringConfig(recovery=self.recovery)
-        for name in ("metric", "granularity", "space", "recovery", "seed", "n_init", "seeds", "recalibrate_bn"):
+        default = ClusteringConfig()
+        for name in ("metric", "granularity", "space", "seed", "n_init", "seeds"):
             if getattr(self, name) != getattr(default, name):
                 q[name] = str(getattr(self, name))
+        # BN re-estimation keeps its older, shared form: recalibrate_bn=N alone means recovery=bn.
+        if self.recovery == "lsq":
+            q["recovery"] = "lsq"
+        if self.recovery == "bn" or self.recalibrate_bn != DEFAULT_CALIBRATION.get(self.recovery, 0):
+            q["recalibrate_bn"] = str(self.recalibrate_bn)
         if self.fold_bn:
             q["fold_bn"] = "1"
         for n, k in self.active.items():
@@ -603,7 +609,9 @@ def prune(model: nn.Module, config: ClusteringConfig, train_images: torch.Tensor
     if config.seeds > 1:
         return _best_of_seeds(model, config, train_images, train_labels)
     if (config.space == "data" or config.recovery != "none") and train_images is None:
-        raise ClusteringError(f"space={config.space}, recovery={config.recovery} needs the training images")
+        what = "recalibrate_bn" if config.recovery == "bn" and config.space == "weight" else \
+            f"space={config.space}, recovery={config.recovery}"
+        raise ClusteringError(f"{what} needs the training images")
     ref = _reference(model, config, train_images) if config.space == "data" or config.recovery == "lsq" else None
     clustering = cluster_model(model, config, ref)
     calib = calibration_subset(train_images, config.recalibrate_bn) if config.recovery == "bn" else None

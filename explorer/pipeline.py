@@ -98,7 +98,7 @@ class Explorer:
         key = config.key()
         hit = self._pruned.get(key)
         if hit is None:
-            model, clustering = prune(self.model, config, self.data.train_images)
+            model, clustering = prune(self.model, config, self.data.train_images, self.data.train_labels)
             hit = (model, clustering, compress(model, clustering))
             self._pruned.put(key, hit)
         return hit
@@ -117,7 +117,7 @@ class Explorer:
         if hit is not None:
             return hit
         config.validate()
-        if not config.active and config.recalibrate_bn == 0:
+        if not config.active and config.recovery != "bn":
             # Nothing changes: the model is the base model, so its evaluation *is* the baseline
             # (exact, and no pass over the test split).
             model, clustering = self.model, Clustering(config, {})
@@ -130,3 +130,15 @@ class Explorer:
                              report(small, self.model, latency_batches))
         self._cache.put(key, result)
         return result
+
+    def seed_spread(self, config: ClusteringConfig, seeds: int = 5) -> dict:
+        """Top-1 on the full test split of ``config`` clustered with k-means seeds 0..seeds-1 (each
+        a single draw, ``seeds=1``): ``{"seeds": [...], "top1": [...], "min", "median", "max"}``
+        (fractions). A measurement of how much the draw matters, not a choice: nothing is picked
+        by these test accuracies. Each run is cached like :meth:`run`."""
+        import statistics
+        from dataclasses import replace
+
+        tops = [self.run(replace(config, seed=s, seeds=1)).evaluation.top1 for s in range(seeds)]
+        return {"seeds": list(range(seeds)), "top1": tops, "min": min(tops),
+                "median": statistics.median(tops), "max": max(tops)}

@@ -14,7 +14,7 @@ import torch
 
 from .. import checkpoints as ckpt
 from ..analysis.results import ResultsMismatch, default_checkpoint, load_data, make_explorer
-from ..clustering import GRANULARITIES, METRICS, ClusteringConfig, ClusteringError
+from ..clustering import GRANULARITIES, METRICS, RECOVERIES, SPACES, ClusteringConfig, ClusteringError
 from ..data import DataNotFoundError
 
 # What a command reports as "error: <message>" with exit status 2.
@@ -55,10 +55,19 @@ def add_clustering_args(p: argparse.ArgumentParser, *, metrics: tuple[str, ...] 
         p.add_argument("--granularity", choices=GRANULARITIES, default=d.granularity,
                        help="cluster whole filters (structural savings) or 2D kernels")
     p.add_argument("--fold-bn", action="store_true", help="cluster BN-folded filters (lets both convs of a block shrink)")
+    p.add_argument("--space", choices=SPACES, default=d.space,
+                   help="k-means on the filters (weight) or in the metric of the layer's output error on "
+                        "training images (data)")
+    p.add_argument("--recovery", choices=RECOVERIES, default=d.recovery,
+                   help="repair without training: none, bn (re-estimate BatchNorm statistics) or lsq "
+                        "(least-squares re-fit of the layers to the original net's outputs; includes the BN shift)")
     p.add_argument("--recalibrate-bn", type=int, default=d.recalibrate_bn, metavar="N",
-                   help="re-estimate BatchNorm statistics on N training images after clustering (0 = off)")
+                   help="training images for the recovery (0 = the recovery's default: bn 2000, lsq 512); "
+                        "N > 0 alone means --recovery bn")
     p.add_argument("--seed", type=int, default=d.seed, help="k-means seed")
     p.add_argument("--n-init", type=int, default=d.n_init, help="k-means restarts")
+    p.add_argument("--seeds", type=int, default=d.seeds, metavar="S",
+                   help="try k-means seeds seed..seed+S-1 and keep the best on held-out training images")
 
 
 def clustering_options(args: argparse.Namespace, **override) -> ClusteringConfig:
