@@ -108,10 +108,47 @@ def load_torch(source: str | os.PathLike | bytes, name: str | None = None):
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad magic, or a pickle global the safe loader refuses
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        unsafe = isinstance(e, pickle.UnpicklingError) and re.search(r"unsupported (global|class)", str(e), re.I)
-        raise (UnsafeCheckpointError if unsafe else CheckpointError)(
-            f"{shown}: not a valid checkpoint ({first[:200]})") from None
+        head = bytes(source[:64]) if isinstance(source, (bytes, bytearray)) else _head(path)
+        suffix = "" if isinstance(source, (bytes, bytearray)) else path.suffix.lower()
+        unsafe, reason = load_failure(e, head, suffix)
+        raise (UnsafeCheckpointError if unsafe else CheckpointError)(f"{shown}: not a valid checkpoint: {reason}") from None
+
+
+SAVE_HINT = "pass a ResNet20 state dict saved with torch.save(model.state_dict(), 'name.pt')"
+
+
+def _head(path: Path, n: int = 64) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def load_failure(error: BaseException, head: bytes = b"", suffix: str = "") -> tuple[bool, str]:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in one plain line with what to do.
+
+    ``head``: the file's first bytes; ``suffix``: its lower-case extension (both may be empty).
+    Returns (unsafe, reason): ``unsafe`` when the file holds pickled objects other than tensors.
+    torch's own message is not shown: its first line is cut mid-sentence, carries terminal colour
+    codes and reads as advice to switch the safe loader off, which would run the file's code."""
+    text = str(error)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if isinstance(error, pickle.UnpicklingError) and (found or re.search(r"unsupported (global|class)", text, re.I)):
+        what = f" (here {found.group(1)})" if found else ""
+        fix = "convert numpy arrays with torch.from_numpy and " if found and found.group(1).startswith("numpy") else ""
+        return True, (f"it holds pickled objects other than tensors{what}, which are refused because loading them "
+                      f"could run code; {fix}{SAVE_HINT}")
+    stripped = head.lstrip()
+    if suffix == ".json" or stripped[:1] in (b"{", b"["):
+        return False, ("this is a JSON file (checkpoint metadata or a clustering configuration), not weights; "
+                       "pass the .pt file beside it")
+    if suffix == ".onnx" or head[:1] == b"\x08":  # ONNX ModelProto starts with field 1 (ir_version)
+        return False, ("this is an ONNX export, which cannot be loaded back; pass the .pt state dict it was "
+                       "exported from (a compressed export's .pt loads with explorer.compress.load_compressed)")
+    if not head:
+        return False, f"the file is empty; {SAVE_HINT}"
+    return False, f"not a readable PyTorch file (truncated or corrupt?); {SAVE_HINT}"
 
 
 def validate_state_dict(state: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:

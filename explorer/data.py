@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -191,27 +192,53 @@ def _image_folder_files(root: Path) -> dict[str, list[Path]]:
     }
 
 
+_CACHE_ARRAYS = {"train_images": (np.uint8, (3, 32, 32)), "train_labels": (np.int64, ()),
+                 "test_images": (np.uint8, (3, 32, 32)), "test_labels": (np.int64, ())}
+
+
+def _fingerprint_of(arrays: dict[str, np.ndarray]) -> str:
+    return _content_fingerprint(*(arrays[k] for k in _CACHE_ARRAYS))
+
+
+def read_cache(path: Path) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The arrays of a decode-cache file and "" when it is intact and holds what it claims, else
+    (None, why). Intact: a readable ``.npz`` (zip CRCs checked) with the four arrays of
+    :class:`CIFAR10Tensors` in their dtypes and shapes (images (N, 3, 32, 32) uint8, labels (N,)
+    int64 in 0..9), and a stored ``fingerprint`` equal to the one recomputed from those arrays (so a
+    file rewritten with other images never passes as the dataset it names). Never raises."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in (*_CACHE_ARRAYS, "fingerprint")}
+    except Exception as e:  # any damage (cut short, emptied, bad CRC, missing member...) means rebuild
+        return None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.dtype != np.uint8 or images.shape[1:] != (3, 32, 32) or labels.dtype != np.int64 \
+                or labels.shape != (len(images),) or (len(labels) and not 0 <= labels.min() <= labels.max() < 10):
+            return None, f"{split} arrays have the wrong shape or type"
+    if arrays["fingerprint"].shape != () or str(arrays["fingerprint"]) != _fingerprint_of(arrays):
+        return None, "its images do not match the fingerprint it records"
+    return arrays, ""
+
+
 def _load_cached(key: str, name: str, reader) -> CIFAR10Tensors:
     path = cache_dir() / f"cifar10-{key}.npz"
-    arrays = None
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError):
-            arrays = None  # a damaged cache is rebuilt, never trusted
+    arrays, damage = read_cache(path) if path.is_file() else (None, "")
     if arrays is None:
+        if damage:
+            print(f"warning: decoded-data cache {path} is damaged ({damage[:200]}); rebuilding it", file=sys.stderr)
         arrays = reader()
-        arrays["fingerprint"] = np.array(
-            _content_fingerprint(arrays["train_images"], arrays["train_labels"], arrays["test_images"], arrays["test_labels"])
-        )
+        arrays["fingerprint"] = np.array(_fingerprint_of(arrays))
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
             np.savez(tmp, **arrays)
             os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only cache only costs speed
+        except OSError as e:  # a read-only or full cache only costs speed
+            tmp.unlink(missing_ok=True)
+            if damage:  # ...but a damaged file left in place would be decoded around on every start
+                print(f"warning: could not rewrite {path} ({e.strerror or e}); delete it, or set {ENV_CACHE} "
+                      f"to a writable directory", file=sys.stderr)
     return CIFAR10Tensors(
         train_images=torch.from_numpy(arrays["train_images"]),
         train_labels=torch.from_numpy(arrays["train_labels"]),

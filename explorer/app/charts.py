@@ -152,8 +152,11 @@ def confusion_chart(matrix: np.ndarray, classes: Sequence[str], title: str, kind
                        "count": m.ravel().astype(int), "share": 100 * share,
                        "cell": np.where(ii.ravel() == jj.ravel(), "correct", "error")})
     base = alt.Chart(df, width=size, height=size)
-    axis_x = alt.X("predicted:N", sort=list(classes), title="predicted", axis=alt.Axis(labelAngle=-45))
-    axis_y = alt.Y("true:N", sort=list(classes), title="true")
+    # labelOverlap=False: Vega-Lite's default drops every other rotated label on a 320 px axis, and
+    # every class must be named.
+    axis_x = alt.X("predicted:N", sort=list(classes), title="predicted",
+                   axis=alt.Axis(labelAngle=-45, labelOverlap=False))
+    axis_y = alt.Y("true:N", sort=list(classes), title="true", axis=alt.Axis(labelOverlap=False))
     if kind == "delta":
         lim = max(1, int(np.abs(m).max()))
         # On the diagonal more is better; off the diagonal fewer is better. Flip colours off-diagonal so

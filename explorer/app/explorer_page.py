@@ -16,7 +16,7 @@ import torch
 
 from .. import checkpoints as ckpt
 from .. import data as data_mod
-from .. import projection
+from .. import limits, projection
 from ..clustering import GRANULARITIES, MAX_N_INIT, MAX_RECALIBRATION_IMAGES, MAX_SEED, METRICS, ClusteringConfig, ClusteringError
 from ..model import CONV_LAYERS, conv_layer
 from ..pipeline import Explorer
@@ -53,6 +53,22 @@ def load_upload_explorer(digest: str, data_root: str | None, _weights: bytes, _n
 def layer_label(name: str) -> str:
     l = conv_layer(name)
     return f"{name} · {l.filters}×{l.filter_shape[0]}×3×3"
+
+
+def slider_label(name: str, limit: int) -> str:
+    """A k slider's label: the layer and its filter shape, and the largest k it can be clustered to
+    when that is below its filter count (:func:`explorer.limits.layer_limits`)."""
+    return layer_label(name) + (f" · k ≤ {limit}" if limit < conv_layer(name).filters else "")
+
+
+def slider_help(name: str, limit: int) -> str:
+    l = conv_layer(name)
+    text = f"k for {name}: {l.filters} filters of shape {l.filter_shape} ({l.filters} = unchanged)"
+    if limit < l.filters:
+        text += (f". This checkpoint holds only {limit} distinct filters there (an already clustered, fine-tuned "
+                 f"layer): k can be 1..{limit} (k = {limit} is the net as it is) or {l.filters}; a k between them "
+                 f"cannot be clustered")
+    return text
 
 
 # ---------------------------------------------------------------- results
@@ -148,7 +164,11 @@ def projection_section(exp: Explorer, config: ClusteringConfig) -> None:
                          format_func=lambda m: {"umap": "UMAP", "pca": "PCA (fast)"}[m])
     method = st.session_state.get("proj") or state.DEFAULT_PROJECTION
     state.sync_url()
-    lmap = projection.layer_map(exp.model, config, layer)
+    try:
+        lmap = projection.layer_map(exp.model, limits.check(exp.model, config, [layer]), layer)
+    except ClusteringError as e:
+        st.error(f"This configuration cannot be applied: {e}")
+        return
     proj, note = None, ""
     if method == "umap":
         fut = projection.submit_embed(lmap.space, lmap.centroids, "umap", seed=0)
@@ -208,8 +228,10 @@ def thumbnails(lmap: projection.LayerMap, n_max: int = 9) -> None:
     st.caption(note)
 
 
-def controls() -> None:
-    """The clustering options, uniform k and one k slider per layer, in the sidebar."""
+def controls(limit_of: dict[str, int] | None = None) -> None:
+    """The clustering options, uniform k and one k slider per layer, in the sidebar. ``limit_of``:
+    each layer's largest k that can be clustered (:func:`explorer.limits.layer_limits`), which its
+    slider names."""
     with st.sidebar:
         st.subheader("Clustering")
         with st.expander("Options"):
@@ -230,16 +252,16 @@ def controls() -> None:
         for title, stage in STAGES:
             with st.expander(title, expanded=True):
                 for l in (l for l in CONV_LAYERS if l.stage == stage):
-                    st.slider(layer_label(l.name), 1, l.filters, key=state.k_key(l.name),
-                              help=f"k for {l.name}: {l.filters} filters of shape {l.filter_shape} "
-                                   f"({l.filters} = unchanged)")
+                    limit = (limit_of or {}).get(l.name, l.filters)
+                    st.slider(slider_label(l.name, limit), 1, l.filters, key=state.k_key(l.name),
+                              help=slider_help(l.name, limit))
 
 
 @st.fragment
 def explore(exp: Explorer, name: str) -> None:
     """Clustering controls (sidebar) and everything that depends on them (main area). A slider
     change re-runs only this fragment."""
-    controls()
+    controls(limits.layer_limits(exp.model, state.current_config()))
     config = state.current_config()
     state.sync_url()
     head = st.container()
@@ -249,6 +271,7 @@ def explore(exp: Explorer, name: str) -> None:
     with head:
         preview = st.empty()
         try:
+            limits.check(exp.model, config)
             if config.active and exp.cached(config) is None:
                 # A quick, labelled answer first (2,000 images, bf16), replaced by the full result.
                 ev = exp.preview(config)

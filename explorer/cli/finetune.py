@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import checkpoints as ckpt
 from ..analysis.results import default_checkpoint, load_data
 from ..clustering import ClusteringConfig, ClusteringError
 from ..training.finetune import FinetuneConfig, finetune
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             config = ClusteringConfig.from_json(Path(args.config).read_text())
         except (OSError, UnicodeDecodeError) as e:
             raise ClusteringError(f"cannot read --config: {e}") from None
+        ckpt.load_model(args.checkpoint)  # a bad checkpoint fails in a second, not after decoding the dataset
         data = load_data(args.data, synthetic=args.synthetic)
         finetune(args.checkpoint, config, ft, data, resume=args.resume, quiet=args.quiet, stop_after=args.stop_after,
                  latency=args.latency)

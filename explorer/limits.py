@@ -1,0 +1,83 @@
+"""How many clusters each conv layer of a checkpoint can be given.
+
+k-means cannot make more clusters than a layer has distinct points, and a fine-tuned checkpoint
+keeps only the k distinct filters of each clustered layer (the shipped
+``resnet20_cifar10_p58_kd_ft``: 9 of 16 in each stage-1 conv1, 19 of 32, 38 of 64). Such a layer
+offers k = 1..distinct (k = distinct gives the same net) or k = its filter count (unchanged); a k
+in between cannot be clustered. :func:`layer_limits` gives every layer's limit, for sliders and
+forms, and :func:`check` turns a configuration that asks for more into one ClusteringError line
+before any k-means runs.
+
+The points are counted exactly as :func:`explorer.clustering.cluster_layer` clusters them: float64
+:func:`explorer.clustering.layer_points` of the configuration's granularity and ``fold_bn``, unit
+length for the cosine metric. The data space (``space="data"``) maps the points by an invertible
+linear map, which keeps equal points equal and distinct points distinct, so its count is the
+weight space's.
+"""
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from .clustering import ClusteringConfig, ClusteringError, layer_points
+from .digest import digest
+from .lru import LRUCache
+from .model import CONV_LAYERS, conv_layer
+
+_COUNTS = LRUCache(1024)
+
+
+def distinct_points(model: nn.Module, layer: str, config: ClusteringConfig) -> int:
+    """Number of distinct points k-means would cluster in conv ``layer`` of ``model`` (a ResNet20,
+    not mutated) under ``config``'s granularity, ``fold_bn`` and metric: at most Cout filters, or
+    Cout * Cin kernels with kernel granularity. Cached by the layer's weights and options.
+    Raises KeyError for an unknown layer."""
+    info = conv_layer(layer)
+    conv, bn = model.get_submodule(layer), model.get_submodule(info.bn)
+    fold = config.fold_bn and config.granularity == "filter"
+    key = (digest(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var), config.granularity, fold,
+           config.metric)
+    n = _COUNTS.get(key)
+    if n is None:
+        pts = layer_points(conv.weight, bn, config.granularity, fold)
+        if config.metric == "cosine":
+            pts = pts / np.maximum(np.linalg.norm(pts, axis=1), 1e-12)[:, None]
+        n = int(len(np.unique(pts, axis=0)))
+        _COUNTS.put(key, n)
+    return n
+
+
+def layer_limits(model: nn.Module, config: ClusteringConfig) -> dict[str, int]:
+    """Every conv layer's largest k that can be clustered, at most its filter count (equal to it for
+    a layer whose filters are all distinct), in forward order."""
+    return {l.name: min(l.filters, distinct_points(model, l.name, config)) for l in CONV_LAYERS}
+
+
+def problems(model: nn.Module, config: ClusteringConfig, layers=None) -> list[str]:
+    """One phrase per clustered layer (of ``layers``, default all) whose k exceeds its distinct
+    points, e.g. ``"layer1.0.conv1 holds 9 distinct filters (of 16), so k = 12 cannot be clustered;
+    choose k <= 9, or 16 to leave it unchanged"``; [] when every k can be clustered."""
+    out = []
+    for name, k in config.active.items():
+        if layers is not None and name not in layers:
+            continue
+        info = conv_layer(name)
+        n = distinct_points(model, name, config)
+        if k > n:
+            what = "filters" if config.granularity == "filter" else "kernels"
+            total = info.filters if config.granularity == "filter" else info.filters * info.filter_shape[0]
+            out.append(f"{name} holds {n} distinct {what} (of {total}), so k = {k} cannot be clustered; "
+                       f"choose k <= {n}, or {info.filters} to leave it unchanged")
+    return out
+
+
+def check(model: nn.Module, config: ClusteringConfig, layers=None) -> ClusteringConfig:
+    """Return ``config`` when every clustered layer's k (of ``layers``, default all) can be
+    clustered on ``model``; raise ClusteringError naming each layer that cannot (:func:`problems`,
+    joined in one line)."""
+    found = problems(model, config, layers)
+    if found:
+        raise ClusteringError("; ".join(found) if len(found) == 1 else
+                              f"{len(found)} layers ask for more clusters than they have distinct points: "
+                              + "; ".join(found))
+    return config
