@@ -76,6 +76,8 @@ class Explorer:
         # The clustered and compressed nets of the latest configurations: the app's preview and the
         # full run of one slider move share them (apply() copies the model and may re-estimate BN).
         self._pruned = LRUCache(4)
+        self._selection = None  # (engine, baseline) on held-out training images, made on first use
+        self._select_cache = LRUCache(256)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, data_root: str | None = None, data: CIFAR10Tensors | None = None
@@ -130,6 +132,26 @@ class Explorer:
                              report(small, self.model, latency_batches))
         self._cache.put(key, result)
         return result
+
+    def select_top1(self, config: ClusteringConfig) -> tuple[float, float]:
+        """(top-1 of ``config``'s net, top-1 of the unclustered net) on the held-out training images
+        (:func:`explorer.clustering.holdout_subset`, 2,000 images): the accuracy that *choices*
+        (the search's budget, its move ranking) are made on, so that the test split only measures.
+        Fractions; cached per configuration."""
+        from .clustering import holdout_subset
+
+        if self._selection is None:
+            images, labels = holdout_subset(self.data.train_images, self.data.train_labels)
+            engine = FastEvaluator(images, labels, mixed=self.engine.mixed, cache_mb=256, preview_per_class=10)
+            self._selection = (engine, engine.evaluate(compress(self.model)).top1)
+        engine, base = self._selection
+        key = config.key()
+        hit = self._select_cache.get(key)
+        if hit is None:
+            config.validate()
+            hit = engine.evaluate(self._prune(config)[2]).top1 if config.active or config.recovery == "bn" else base
+            self._select_cache.put(key, hit)
+        return hit, base
 
     def seed_spread(self, config: ClusteringConfig, seeds: int = 5) -> dict:
         """Top-1 on the full test split of ``config`` clustered with k-means seeds 0..seeds-1 (each

@@ -38,7 +38,7 @@ from _apphelpers import NAME, stable_checkpoint_dir
 REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "streamlit_app.py"
 TIMEOUT = float(os.environ.get("EXPLORER_APPTEST_TIMEOUT", 900))  # per run; generous for a busy 2-core box
-SLIDER_CONFIG = ClusteringConfig(ks={"layer3.2.conv2": 8})
+SLIDER_CONFIG = ClusteringConfig(ks={"layer3.2.conv2": 8}, **state.APP_DEFAULTS)  # what the page computes by default
 
 
 # ---------------------------------------------------------------- fixtures
@@ -268,7 +268,8 @@ def test_umap_view_finishes_in_background(app_env):
 
 def test_parse_query_defaults_and_roundtrip():
     view, warns = state.parse_query({}, ["a", "b"])
-    assert warns == [] and view.ckpt == "a" and view.config == ClusteringConfig()
+    assert warns == [] and view.ckpt == "a" and view.config == state.app_default_config()
+    assert (view.config.space, view.config.recovery) == ("data", "lsq")  # the shipped analysis' best
     assert (view.layer, view.proj) == (state.DEFAULT_LAYER, state.DEFAULT_PROJECTION)
     cfg = ClusteringConfig(ks={"conv1": 3, "layer3.2.conv2": 64, "layer2.0.conv1": 7}, metric="cosine", fold_bn=True,
                            recalibrate_bn=500, seed=4)

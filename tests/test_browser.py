@@ -167,7 +167,7 @@ def expected(jpeg_root, tmp_path_factory):
     import torch
 
     from explorer import checkpoints as ckpt
-    from explorer.app import charts
+    from explorer.app import charts, state
     from explorer.clustering import ClusteringConfig
     from explorer.data import load_cifar10
     from explorer.pipeline import Explorer
@@ -177,7 +177,7 @@ def expected(jpeg_root, tmp_path_factory):
     exp = Explorer(ckpt.load_model(d / f"{ckpt.DEFAULT_NAME}.pt"), load_cifar10(jpeg_root), ckpt.DEFAULT_NAME)
     out = []
     for ks in CONCURRENT:
-        r = exp.run(ClusteringConfig(ks=ks))
+        r = exp.run(ClusteringConfig(ks=ks, **state.APP_DEFAULTS))  # what a URL with only ks shows
         out.append((charts.pct(r.evaluation.top1), charts.count(r.compression.params)))
     assert len({p for _, p in out}) == len(CONCURRENT)  # four genuinely different configurations
     return out

@@ -120,8 +120,9 @@ class Evaluations:
     :func:`explorer.analysis.search.evaluation_record`) and the report (summaries)."""
 
     def __init__(self, explorer, doc: dict, save: Callable[[], None], store: str = "runs",
-                 record: Callable | None = None, progress: bool = False):
+                 record: Callable | None = None, progress: bool = False, required: str | None = None):
         self.explorer, self.save, self.progress = explorer, save, progress
+        self.required = required  # a stored record without this field is measured again
         self.store = doc.setdefault(store, {})
         self.record = record or (lambda result, source: result.summary())
         self.new = 0
@@ -129,7 +130,7 @@ class Evaluations:
     def __call__(self, config, source: str = "", latency: tuple[int, ...] = ()) -> dict:
         key = config.key() + (f"|latency={list(latency)}" if latency else "")
         hit = self.store.get(key)
-        if hit is None:
+        if hit is None or (self.required is not None and self.required not in hit):
             t = time.perf_counter()
             hit = self.record(self.explorer.run(config, latency_batches=latency), source)
             hit["seconds"] = round(time.perf_counter() - t, 3)

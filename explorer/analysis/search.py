@@ -57,10 +57,13 @@ class CostModel:
         self._memo: dict[str, dict] = {}
 
     def __call__(self, config: ClusteringConfig) -> dict:
-        key = replace(config, recalibrate_bn=0).key()
+        # The structure depends on the ks and fold_bn only (recoveries keep the clusters; the
+        # data space picks other members but the same counts and merges), so it is costed in the
+        # weight space without recovery, which needs no training images.
+        cfg = replace(config, recalibrate_bn=0, recovery="none", space="weight", seeds=1)
+        key = cfg.key()
         hit = self._memo.get(key)
         if hit is None:
-            cfg = replace(config, recalibrate_bn=0)
             clustering = cluster_model(self.model, cfg)
             small = compress(apply(self.model, clustering), clustering)
             hit = {"macs": count_macs(small), "params": count_parameters(small)}
@@ -68,10 +71,13 @@ class CostModel:
         return hit
 
 
-def evaluation_record(result, source: str) -> dict:
-    """JSON-ready record of one verified configuration (a PruneResult)."""
+def evaluation_record(result, source: str, select: tuple[float, float] | None = None) -> dict:
+    """JSON-ready record of one verified configuration (a PruneResult). ``select``: (top-1,
+    baseline top-1) on the held-out training images (:meth:`explorer.pipeline.Explorer.select_top1`),
+    stored as ``select_top1`` / ``select_drop_pts``: what the greedy accepts or rejects on."""
     c = result.compression
-    return {
+    extra = {} if select is None else {"select_top1": select[0], "select_drop_pts": 100.0 * (select[1] - select[0]) + 0.0}
+    return {**extra,
         "config": result.config.to_dict(), "source": source,
         "top1": result.evaluation.top1, "top1_delta": result.comparison.top1_delta,
         "drop_pts": -100.0 * result.comparison.top1_delta + 0.0,
@@ -104,19 +110,21 @@ class GreedyResult:
 
 def greedy(evaluate, cost, drops: dict[str, dict[int, float]], options: ClusteringConfig, budget: float,
            objective: str = "macs", tau: float = DEFAULT_TAU, max_evals: int = 200,
-           layers: list[str] | None = None) -> GreedyResult:
+           layers: list[str] | None = None, key: str = "select_drop_pts") -> GreedyResult:
     """The greedy of the module doc. ``evaluate(config, source) -> record`` verifies a
     configuration (record has ``drop_pts`` and the objective); ``cost(config) -> {"macs", "params"}``
     is exact structure cost; ``drops[layer][k]`` is the single-layer sensitivity (points lost).
     Layers without sensitivity data are left unclustered. ``max_evals`` bounds the number of
-    verifications (replayed ones count too, so a resumed run takes the same path)."""
+    verifications (replayed ones count too, so a resumed run takes the same path). ``key``: the
+    record's drop that the budget applies to; ``"select_drop_pts"`` (held-out training images) so
+    that the test split never chooses; ``"drop_pts"`` (test) reproduces the older, leaking runs."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}")
     layers = [n for n in (layers or CONV_LAYER_NAMES) if n in drops]
     config = replace(options, ks={})
     current = evaluate(config, "greedy")
     res = GreedyResult(budget, objective, {**current, "step": 0})
-    if current["drop_pts"] > budget:
+    if current[key] > budget:
         # The options alone (BN re-estimation of the unclustered net) already cost more than the
         # budget: nothing is feasible.
         res.best, res.feasible = None, False
@@ -134,7 +142,7 @@ def greedy(evaluate, cost, drops: dict[str, dict[int, float]], options: Clusteri
                 if not floor[name] < k_new < k_cur:
                     continue
                 est = max(0.0, drops[name][k_new] - d_cur)
-                if current["drop_pts"] + est > budget:
+                if current[key] + est > budget:
                     continue
                 cand = config.with_k(name, k_new)
                 gain = cur_cost - cost(cand)[objective]
@@ -151,13 +159,13 @@ def greedy(evaluate, cost, drops: dict[str, dict[int, float]], options: Clusteri
         _, name, k_new, est, gain, cand = best
         rec = evaluate(cand, "greedy")
         n_eval += 1
-        step = {"layer": name, "k": k_new, "estimated_cost_pts": est, "gain": gain, "drop_pts": rec["drop_pts"],
+        step = {"layer": name, "k": k_new, "estimated_cost_pts": est, "gain": gain, "drop_pts": rec["drop_pts"], key: rec[key],
                 objective: rec[objective], "config": rec["config"]}
-        if rec["drop_pts"] <= budget:
+        if rec[key] <= budget:
             config, current = cand, rec
             res.accepted.append(step)
             if rec[objective] < res.best[objective] or (rec[objective] == res.best[objective]
-                                                        and rec["drop_pts"] < res.best["drop_pts"]):
+                                                        and rec[key] < res.best[key]):
                 res.best = {**rec, "step": len(res.accepted)}
         else:
             floor[name] = k_new
@@ -207,11 +215,13 @@ def run_search(explorer, path: str | Path, budgets: list[float], options: Cluste
     sensitivity_path = Path(sensitivity_path) if sensitivity_path else path.with_name(
         path.name.replace(SUFFIX, SENS_SUFFIX) if path.name.endswith(SUFFIX) else path.stem + SENS_SUFFIX)
     sweep(explorer, sensitivity_path, layers, [options], grid, progress=progress)
-    drops = drop_table(load_sensitivity(sensitivity_path), options)
+    # Choices are made on held-out training images; the test split is only reported.
+    drops = drop_table(load_sensitivity(sensitivity_path), options, column="select_drop_pts")
 
     doc = open_results(path, header(explorer), restart=restart)
     doc["header"]["sensitivity_file"] = sensitivity_path.name
-    ev = Evaluations(explorer, doc, lambda: save_results(doc, path), store="evaluations", record=evaluation_record)
+    ev = Evaluations(explorer, doc, lambda: save_results(doc, path), store="evaluations", required="select_top1",
+                     record=lambda result, source: evaluation_record(result, source, explorer.select_top1(result.config)))
     cost = CostModel(explorer.model)
     runs = doc.setdefault("runs", {})
     t0 = time.perf_counter()
@@ -252,21 +262,24 @@ def load_search(path: str | Path) -> dict:
 
 def best_record(path_or_doc, budget: float, objective: str = "macs", options: ClusteringConfig | None = None
                 ) -> dict | None:
-    """The verified evaluation with the lowest ``objective`` whose drop is at most ``budget``
-    points (ties: smaller drop), among all evaluations in the file (greedy steps, back-offs and
-    uniform configurations) - optionally only those with ``options``' clustering options. None when
-    no clustered configuration qualifies."""
+    """The verified evaluation with the lowest ``objective`` whose drop on the held-out training
+    images is at most ``budget`` points (ties: smaller drop), among all evaluations in the file
+    (greedy steps, back-offs and uniform configurations) - optionally only those with ``options``'
+    clustering options. Records from before the held-out figure existed use their test drop (and
+    say so: ``"chosen_on": "test"``). None when no clustered configuration qualifies."""
     doc = load_search(path_or_doc) if not isinstance(path_or_doc, dict) else path_or_doc
     ok = []
     for r in doc.get("evaluations", {}).values():
-        if not r["config"]["ks"] or r["drop_pts"] > budget + 1e-9:
+        r = {**r, "chosen_on": "holdout" if "select_drop_pts" in r else "test"}
+        r["budget_drop_pts"] = r.get("select_drop_pts", r["drop_pts"])
+        if not r["config"]["ks"] or r["budget_drop_pts"] > budget + 1e-9:
             continue
         if options is not None and options_key(ClusteringConfig.from_dict(r["config"])) != options_key(options):
             continue
         ok.append(r)
     if not ok:
         return None
-    return min(ok, key=lambda r: (r[objective], r["drop_pts"]))
+    return min(ok, key=lambda r: (r[objective], r["budget_drop_pts"]))
 
 
 def most_accurate_record(path_or_doc, min_reduction: float, objective: str = "macs") -> dict | None:

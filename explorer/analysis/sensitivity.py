@@ -66,6 +66,7 @@ def measure_point(explorer, layer: str, k: int, options: ClusteringConfig) -> di
     t = time.perf_counter()
     cfg = replace(options, ks={}).with_k(layer, k).validate()
     res = explorer.run(cfg)
+    sel, sel_base = explorer.select_top1(cfg)
     c = res.compression
     info = conv_layer(layer)
     return {
@@ -73,7 +74,10 @@ def measure_point(explorer, layer: str, k: int, options: ClusteringConfig) -> di
         "filters": info.filters, "k": int(k),
         "metric": options.metric, "granularity": options.granularity, "fold_bn": options.fold_bn,
         "recalibrate_bn": options.recalibrate_bn, "seed": options.seed, "n_init": options.n_init,
+        "space": options.space, "recovery": options.recovery, "seeds": options.seeds,
         "top1": res.evaluation.top1, "top1_delta": res.comparison.top1_delta,
+        # held-out *training* images: what the search ranks and budgets with (test only measures)
+        "select_top1": sel, "select_drop_pts": 100.0 * (sel_base - sel) + 0.0,
         "per_class": res.evaluation.per_class_dict(),
         "per_class_delta": {cl: float(d) for cl, d in zip(CLASSES, res.comparison.per_class_delta)},
         "macs": c.macs, "params": c.params, "baseline_macs": c.baseline_macs, "baseline_params": c.baseline_params,
@@ -100,7 +104,7 @@ def sweep(explorer, path: str | Path, layers: list[str] | None = None,
     todo = plan(layers, options, grid)
     doc = open_results(path, header(explorer), restart=restart)
     points = doc.setdefault("points", {})
-    missing = [p for p in todo if point_key(*p) not in points]
+    missing = [p for p in todo if point_key(*p) not in points or "select_top1" not in points[point_key(*p)]]
     if max_points is not None:
         missing = missing[:max_points]
     done = sum(point_key(*p) in points for p in todo)
@@ -137,13 +141,17 @@ def load_sensitivity(path: str | Path, per_class: bool = False):
     rows = []
     for rec in doc.get("points", {}).values():
         r = {k: v for k, v in rec.items() if k not in ("per_class", "per_class_delta")}
+        r.setdefault("space", "weight")
+        r.setdefault("recovery", "bn" if rec.get("recalibrate_bn") else "none")
+        r.setdefault("seeds", 1)
+        r.setdefault("select_drop_pts", float("nan"))
         r["drop_pts"] = -100.0 * rec["top1_delta"] + 0.0
         r["mac_reduction"] = 1.0 - rec["macs"] / rec["baseline_macs"]
         r["baseline_top1"] = base
         if per_class:
             for cl in CLASSES:
                 rows.append({**{k: r[k] for k in ("layer", "layer_index", "k", "metric", "granularity", "fold_bn",
-                                                   "recalibrate_bn")},
+                                                   "recalibrate_bn", "space", "recovery")},
                              "class": cl, "accuracy": rec["per_class"][cl], "delta": rec["per_class_delta"][cl]})
         else:
             for cl in CLASSES:
@@ -152,18 +160,23 @@ def load_sensitivity(path: str | Path, per_class: bool = False):
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    return df.sort_values(["metric", "granularity", "fold_bn", "recalibrate_bn", "layer_index", "k"]
+    return df.sort_values(["space", "recovery", "metric", "granularity", "fold_bn", "recalibrate_bn", "layer_index", "k"]
                           + (["class"] if per_class else [])).reset_index(drop=True)
 
 
-def drop_table(df, options: ClusteringConfig) -> dict[str, dict[int, float]]:
+def drop_table(df, options: ClusteringConfig, column: str = "drop_pts") -> dict[str, dict[int, float]]:
     """{layer: {k: accuracy points lost}} for the rows of ``df`` (from :func:`load_sensitivity`)
-    measured with ``options``' metric, granularity, fold_bn, recalibrate_bn, seed and n_init."""
+    measured with ``options``' metric, granularity, fold_bn, recalibrate_bn, seed, n_init, space,
+    recovery and seeds. ``column``: ``"drop_pts"`` (test split, for reports) or
+    ``"select_drop_pts"`` (held-out training images, for choices; points without it are left out)."""
     if df.empty:
         return {}
     m = ((df.metric == options.metric) & (df.granularity == options.granularity) & (df.fold_bn == options.fold_bn)
-         & (df.recalibrate_bn == options.recalibrate_bn) & (df.seed == options.seed) & (df.n_init == options.n_init))
+         & (df.recalibrate_bn == options.recalibrate_bn) & (df.seed == options.seed) & (df.n_init == options.n_init)
+         & (df.space == options.space) & (df.recovery == options.recovery) & (df.seeds == options.seeds))
     out: dict[str, dict[int, float]] = {}
     for r in df[m].itertuples():
-        out.setdefault(r.layer, {})[int(r.k)] = float(r.drop_pts)
+        v = float(getattr(r, column))
+        if v == v:  # not NaN
+            out.setdefault(r.layer, {})[int(r.k)] = v
     return out

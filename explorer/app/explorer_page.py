@@ -17,15 +17,24 @@ import torch
 from .. import checkpoints as ckpt
 from .. import data as data_mod
 from .. import limits, projection
-from ..clustering import GRANULARITIES, MAX_N_INIT, MAX_RECALIBRATION_IMAGES, MAX_SEED, METRICS, ClusteringConfig, ClusteringError
+from ..clustering import (GRANULARITIES, MAX_N_INIT, MAX_RECALIBRATION_IMAGES, MAX_SEED, MAX_SEEDS, METRICS,
+                          RECOVERIES, SPACES, ClusteringConfig, ClusteringError)
 from ..model import CONV_LAYERS, conv_layer
 from ..pipeline import Explorer
-from . import charts, sidebar, state
+from . import charts, sidebar, spread, state
 from . import support as sup
 
 STAGES = (("Stem", 0), ("Stage 1 · 16 filters", 1), ("Stage 2 · 32 filters", 2), ("Stage 3 · 64 filters", 3))
 METRIC_HELP = {"euclidean": "k-means on the raw filters",
                "cosine": "k-means on unit-length filters; each filter keeps its own norm"}
+SPACE_LABELS = {"weight": "weights", "data": "data-aware (output error)"}
+SPACE_HELP = {"weight": "distances between the filters' weights",
+              "data": "distances in the layer's output error on 512 training images (Sigma-weighted)"}
+RECOVERY_LABELS = {"none": "none", "bn": "BN re-estimation", "lsq": "least squares"}
+RECOVERY_HELP = {"none": "centroids as they are",
+                 "bn": "re-estimate BatchNorm statistics on training images",
+                 "lsq": "re-fit every layer from the first clustered one, in closed form, to the original "
+                        "net's outputs on training images (includes the BN shift)"}
 
 
 # ---------------------------------------------------------------- process-wide resources
@@ -93,6 +102,35 @@ def headline(result, exp: Explorer) -> None:
     st.caption(f"{correct:,} of {n:,} test images correct (baseline {base_correct:,}) · "
                f"{len(result.config.active)} of {len(CONV_LAYERS)} conv layers clustered · "
                f"{exp.data.identity.name}")
+
+
+def recovery_caption(result) -> str:
+    """Which clustering space and recovery produced the numbers on screen."""
+    cfg, cl = result.config, result.clustering
+    rec = {"none": "no recovery", "bn": f"recovery: BN re-estimation on {cfg.recalibrate_bn:,} training images",
+           "lsq": f"recovery: least squares on {cfg.recalibrate_bn:,} training images"}[cfg.recovery]
+    text = f"Clustering space: {SPACE_LABELS[cfg.space]} · {rec}"
+    if cfg.seeds > 1 and cl.chosen_seed is not None:
+        text += (f" · best of {cfg.seeds} k-means seeds on held-out training images: seed {cl.chosen_seed} "
+                 f"({charts.pct(cl.holdout_top1[cl.chosen_seed])} there)")
+    return text
+
+
+def seed_spread_section(exp: Explorer, config: ClusteringConfig) -> None:
+    """Top-1 over k-means seeds 0..4 for this configuration, computed in the background after the
+    main result (its own fragment, polling every 2 s until it is there)."""
+    fut = spread.request(exp, config)
+    if not fut.done():
+        st.caption(f"Seed spread over {spread.DEFAULT_SEEDS} k-means seeds: computing in the background...")
+        st.fragment(umap_poller, run_every=2)(fut)
+        return
+    if fut.exception() is not None:
+        st.caption(f"Seed spread unavailable: {str(fut.exception())[:200]}")
+        return
+    r = fut.result()
+    st.caption(f"Seed spread, {len(r['seeds'])} k-means seeds (full test split, a measurement, nothing chosen by it): "
+               f"min {charts.pct(r['min'])} · median {charts.pct(r['median'])} · max {charts.pct(r['max'])} "
+               f"({(r['max'] - r['min']) * 100:.1f} points apart)")
 
 
 def per_class_section(result) -> None:
@@ -241,10 +279,19 @@ def controls(limit_of: dict[str, int] | None = None) -> None:
                          help="filter: one point per output filter (structural savings); kernel: one per 2D kernel")
             st.checkbox("Fold BatchNorm into filters", key=state.opt_key("fold_bn"),
                         help="Cluster BN-folded filters; lets both convs of a block shrink")
-            st.number_input("BN re-estimation images (0 = off)", 0, MAX_RECALIBRATION_IMAGES, step=500,
-                            key=state.opt_key("recalibrate_bn"), help="Re-estimate BatchNorm statistics on N training images")
+            st.selectbox("Clustering space", SPACES, key=state.opt_key("space"), format_func=SPACE_LABELS.__getitem__,
+                         help="; ".join(f"{SPACE_LABELS[k]}: {v}" for k, v in SPACE_HELP.items()))
+            st.selectbox("Recovery (no training)", RECOVERIES, key=state.opt_key("recovery"),
+                         format_func=RECOVERY_LABELS.__getitem__, on_change=state.recovery_changed,
+                         help="; ".join(f"{RECOVERY_LABELS[k]}: {v}" for k, v in RECOVERY_HELP.items()))
+            st.number_input("Recovery images (training split)", 0, MAX_RECALIBRATION_IMAGES, step=256,
+                            key=state.opt_key("recalibrate_bn"),
+                            help="Training images the recovery fits on (0 = its default: BN 2,000, least squares 512)")
             st.number_input("k-means seed", 0, MAX_SEED, key=state.opt_key("seed"))
             st.number_input("k-means restarts", 1, MAX_N_INIT, key=state.opt_key("n_init"))
+            st.number_input("Best of k-means seeds", 1, MAX_SEEDS, key=state.opt_key("seeds"),
+                            help="Try seeds seed..seed+S-1 and keep the net with the best top-1 on 2,000 held-out "
+                                 "training images (never the test split)")
         a, b, c = st.columns([5, 4, 4], vertical_alignment="bottom")
         a.number_input("Uniform k", 1, 64, key="uniform_k", help="Sets every layer to min(k, its filters)")
         b.button("Apply", on_click=state.apply_uniform, width="stretch")
@@ -285,6 +332,9 @@ def explore(exp: Explorer, name: str) -> None:
             return
         preview.empty()
         headline(result, exp)
+        st.caption(recovery_caption(result))
+        if config.active:
+            st.fragment(seed_spread_section)(exp, config)
     with tabs[0]:
         per_class_section(result)
     with tabs[1]:

@@ -34,6 +34,10 @@ PAGE_PARAM = "page"
 PAGES = {"explorer": "Explorer", "analysis": "Analysis"}
 NAV_KEY = "nav.page"
 EXPLORER_STATE_PREFIXES = ("k.", "opt.")
+# What the app shows when the URL does not say: the space and recovery the shipped analysis found
+# best (docs/recovery.md: data-aware k-means + least squares). The library's defaults stay plain
+# k-means without recovery; the URL names space and recovery whenever they differ from these.
+APP_DEFAULTS = {"space": "data", "recovery": "lsq"}
 EXPLORER_STATE_KEYS = ("layer", "proj", "uniform_k")
 
 
@@ -79,7 +83,7 @@ def parse_query(params: Mapping[str, object], checkpoints: list[str]) -> tuple[V
     warning. ``checkpoints`` are the names the app offers (the first is the default). Values may be
     strings or lists of strings (repeated keys: the last wins)."""
     params = {str(k)[:200]: v for k, v in params.items()}
-    config, warns = ClusteringConfig.from_query(params)
+    config, warns = ClusteringConfig.from_query(with_app_defaults(params))
     default_ckpt = checkpoints[0] if checkpoints else None
     name = default_ckpt
     if "ckpt" in params:
@@ -115,6 +119,22 @@ def parse_query(params: Mapping[str, object], checkpoints: list[str]) -> tuple[V
     return ViewState(name, config, layer, proj), warns
 
 
+def with_app_defaults(params: Mapping[str, object]) -> dict:
+    """``params`` with the app's default space and recovery filled in where the URL names neither
+    (a ``recalibrate_bn`` alone keeps its older meaning, BN re-estimation)."""
+    out = dict(params)
+    if "space" not in out:
+        out["space"] = APP_DEFAULTS["space"]
+    if "recovery" not in out and "recalibrate_bn" not in out:
+        out["recovery"] = APP_DEFAULTS["recovery"]
+    return out
+
+
+def app_default_config() -> ClusteringConfig:
+    """The configuration of an empty URL: nothing clustered, the app's default space and recovery."""
+    return ClusteringConfig(**APP_DEFAULTS)
+
+
 def view_query(view: ViewState) -> dict[str, str]:
     """Canonical query parameters of a view: ``ckpt`` always (so a shared link keeps naming its
     checkpoint even when others are added), then the configuration's non-default options and every
@@ -122,7 +142,17 @@ def view_query(view: ViewState) -> dict[str, str]:
     q: dict[str, str] = {}
     if view.ckpt:
         q["ckpt"] = view.ckpt
-    q.update(view.config.to_query())
+    cq = view.config.to_query()
+    cfg = view.config
+    # space and recovery relative to the app's defaults, so that a link says what differs from them
+    cq.pop("space", None)
+    if cfg.space != APP_DEFAULTS["space"]:
+        cq["space"] = cfg.space
+    if cfg.recovery == APP_DEFAULTS["recovery"] and "recalibrate_bn" not in cq:
+        cq.pop("recovery", None)
+    elif cfg.recovery == "none":
+        cq["recovery"] = "none"
+    q.update(cq)
     if view.layer != DEFAULT_LAYER:
         q["layer"] = view.layer
     if view.proj != DEFAULT_PROJECTION:
@@ -196,8 +226,14 @@ def apply_uniform() -> None:
 
 
 def reset_all() -> None:
-    """Button callback: every layer unclustered, default options."""
-    write_config(ClusteringConfig())
+    """Button callback: every layer unclustered, the app's default options."""
+    write_config(app_default_config())
+
+
+def recovery_changed() -> None:
+    """Recovery widget callback: a new recovery starts from its own default image count (BN 2,000,
+    least squares 512), and "none" from none."""
+    _ss()[opt_key("recalibrate_bn")] = 0
 
 
 def apply_configuration(name: str, config: ClusteringConfig, layer: str, proj: str, what: str) -> None:
