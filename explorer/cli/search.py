@@ -7,7 +7,7 @@ from .. import checkpoints as ckpt
 from ..analysis.results import beside
 from ..analysis.search import (DEFAULT_TAU, OBJECTIVES, SUFFIX, UNIFORM_KS, most_accurate_record, run_key,
                                run_search)
-from ..analysis.sensitivity import SUFFIX as SENS_SUFFIX
+from ..analysis.sensitivity import K_GRID, SUFFIX as SENS_SUFFIX
 from ..clustering import ClusteringConfig, ClusteringError
 from ..model import CONV_LAYER_NAMES
 from .common import add_analysis_args, add_clustering_args, clustering_options, explorer_from_args, parser, run
@@ -20,7 +20,8 @@ python -m explorer.search --fold-bn --budget 5 10 20 40 --target-reduction 0.42 
 
 def build_parser():
     p = parser("search", "Choose k per layer to minimise MACs (or parameters) within a top-1 budget: greedy, "
-                         "every step verified on the test split (resumable: checkpoints/<name>.search.json).",
+                         "every step verified on held-out training images and measured on the test split "
+                         "(resumable: checkpoints/<name>.search.json).",
                EXAMPLES)
     add_analysis_args(p)
     p.add_argument("--budget", type=float, nargs="+", default=[1.0], metavar="PTS",
@@ -32,6 +33,8 @@ def build_parser():
     p.add_argument("--uniform-ks", type=int, nargs="*", default=list(UNIFORM_KS), metavar="K",
                    help="uniform configurations to evaluate for comparison")
     p.add_argument("--layers", nargs="+", default=None, metavar="NAME", help="only cluster these layers")
+    p.add_argument("--grid", type=int, nargs="+", default=list(K_GRID), metavar="K",
+                   help="the ks a layer may take (those below its filter count)")
     p.add_argument("--sensitivity", default=None, help="sensitivity file (default: checkpoints/<name>.sensitivity.json)")
     p.add_argument("--out", default=None, help="result file (default: checkpoints/<name>.search.json)")
     p.add_argument("--write-config", default=None, metavar="FILE",
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ClusteringError(f"unknown conv layer {name!r}; valid names: {', '.join(CONV_LAYER_NAMES)}")
         explorer = explorer_from_args(args)
         doc = run_search(explorer, out, args.budget, options, args.objective, sens, args.uniform_ks, args.tau,
-                         args.max_evals, args.restart, not args.quiet, args.layers)
+                         args.max_evals, args.restart, not args.quiet, args.layers, tuple(args.grid))
         print_table(doc, args.budget, args.objective, options)
         if args.write_config:
             r = doc["runs"][run_key(args.budget[0], args.objective, options)]["best"]
