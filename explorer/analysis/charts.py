@@ -176,3 +176,19 @@ def comparison_chart(df: pd.DataFrame, title: str = "Metric and granularity, sam
         d["BN"] = d["recalibrate"].map({True: "BN re-estimated", False: "no BN re-estimation"})
         chart = chart.properties(data=d).facet(column=alt.Column("BN:N", title=None, sort="descending"))
     return chart.properties(title=_title(title))
+
+
+def recovery_comparison_chart(half: pd.DataFrame, seed: int = 0,
+                              title: str = "Each layer alone at half its filters: points lost, by space and recovery",
+                              subtitle: str | None = None) -> alt.Chart:
+    """Layer (x, forward order) -> top-1 points lost (y, symlog), one line per variant (clustering
+    space + recovery). ``half``: :func:`.comparison.half_points` (columns layer, variant, seed,
+    drop_pts, top1)."""
+    d = half[half["seed"] == seed][["layer", "variant", "drop_pts", "top1"]].copy()
+    return alt.Chart(d).mark_line(point=True).encode(
+        x=alt.X("layer:N", sort=LAYER_ORDER, title=None, axis=alt.Axis(labelAngle=-60, labelOverlap=False)),
+        y=alt.Y("drop_pts:Q", title="pp lost (symlog)", scale=alt.Scale(type="symlog")),
+        color=alt.Color("variant:N", title="space + recovery", legend=alt.Legend(orient="bottom", columns=3)),
+        tooltip=["layer:N", "variant:N", alt.Tooltip("drop_pts:Q", title="pp lost", format=".2f"),
+                 alt.Tooltip("top1:Q", title="top-1", format=".2%")],
+    ).properties(width=620, height=300, title=_title(title, subtitle))

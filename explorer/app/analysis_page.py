@@ -25,6 +25,7 @@ import streamlit as st
 
 from .. import checkpoints as ckpt
 from ..analysis import charts as acharts
+from ..analysis import comparison
 from ..analysis.report import finetuned_points
 from ..analysis.report import ks_text as report_ks_text
 from ..analysis.report import options_label as report_options_label
@@ -95,11 +96,15 @@ def _read_or_warn(path: Path, load):
         return None
 
 
-def _variant_label(granularity: str, fold_bn: bool, recal: int) -> str:
+def _variant_label(granularity: str, fold_bn: bool, recal: int, space: str = "weight", recovery: str = "none") -> str:
     parts = [granularity]
     if fold_bn:
         parts.append("BN folded")
-    if recal:
+    if space != "weight":
+        parts.append("data-aware space")
+    if recovery == "lsq":
+        parts.append(f"least squares ({int(recal):,})")
+    elif recal:
         parts.append(f"BN re-estimated ({int(recal):,})")
     return ", ".join(parts)
 
@@ -135,7 +140,8 @@ def sensitivity_section(path: Path, checkpoint: Path | None) -> None:
         metric = _choose("Metric", metrics, "analysis.metric",
                          help="k-means metric of the sweep; only metrics with measured points are offered")
     sub = df[df["metric"] == metric]
-    variants = sorted({(r.granularity, bool(r.fold_bn), int(r.recalibrate_bn)) for r in sub.itertuples()})
+    variants = sorted({(r.granularity, bool(r.fold_bn), int(r.recalibrate_bn), r.space, r.recovery)
+                       for r in sub.itertuples() if r.seed == 0})
     if len(variants) > 1:
         labels = [_variant_label(*v) for v in variants]
         with c2:
@@ -143,8 +149,9 @@ def sensitivity_section(path: Path, checkpoint: Path | None) -> None:
         variant = variants[labels.index(chosen)]
     else:
         variant = variants[0]
-    gran, fold, recal = variant
-    g = sub[(sub["granularity"] == gran) & (sub["fold_bn"] == fold) & (sub["recalibrate_bn"] == recal)]
+    gran, fold, recal, space, recovery = variant
+    g = sub[(sub["granularity"] == gran) & (sub["fold_bn"] == fold) & (sub["recalibrate_bn"] == recal)
+            & (sub["space"] == space) & (sub["recovery"] == recovery) & (sub["seed"] == 0)]
     expected = sum(len(k_grid(l.filters)) for l in CONV_LAYERS)
     head = read_result("json", path).get("header", {})
     n_test = head.get("test_images")
@@ -162,7 +169,8 @@ def sensitivity_section(path: Path, checkpoint: Path | None) -> None:
     measured = f" Measured on {n_test:,} test images." if isinstance(n_test, int) else ""
     st.caption(f"Each cell: top-1 points lost when only that layer is clustered to k, all others untouched "
                f"(k = the layer's filter count is the unclustered reference). {note}.{measured}")
-    both = df[(df["granularity"] == gran) & (df["fold_bn"] == fold) & (df["recalibrate_bn"] == recal)]
+    both = df[(df["granularity"] == gran) & (df["fold_bn"] == fold) & (df["recalibrate_bn"] == recal)
+              & (df["space"] == space) & (df["recovery"] == recovery) & (df["seed"] == 0)]
     if set(both["metric"]) >= {"euclidean", "cosine"}:
         pairs = both.groupby(["layer", "k"])["metric"].nunique()
         common = pairs[pairs == 2].index
@@ -178,6 +186,35 @@ def sensitivity_section(path: Path, checkpoint: Path | None) -> None:
                 st.altair_chart(acharts.metric_sensitivity_chart(both), width="content")
     elif metrics == ["euclidean"]:
         st.caption(f"Cosine points: `{command('sensitivity', '--metric cosine', checkpoint)}`")
+
+
+def recovery_section(path: Path, checkpoint: Path | None) -> None:
+    """Clustering spaces and recoveries side by side: each layer alone at half its filters."""
+    st.subheader("Without training: clustering space and recovery, side by side")
+    if not path.is_file():
+        return
+    df = _read_or_warn(path, lambda: read_result("sensitivity", path))
+    half = comparison.half_points(df) if df is not None else None
+    if half is None or half.empty or half["variant"].nunique() < 2:
+        st.info("Measured for one variant only so far. The comparison is written by\n\n"
+                f"`{command('sensitivity', '--space data --recovery lsq --ks 8 16 32', checkpoint)}`\n\n"
+                "(one run per space and recovery).", icon=":material/info:")
+        return
+    summ = comparison.summary(half)
+    st.dataframe(summ, hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%.2f") for c in summ.columns
+                                if c.endswith("(pp)")})
+    st.altair_chart(acharts.recovery_comparison_chart(half), width="content")
+    with st.expander("Per layer (points lost at half the filters, k-means seed 0)"):
+        st.dataframe(comparison.half_table(half).reset_index(), hide_index=True, width="stretch",
+                     column_config={c: st.column_config.NumberColumn(format="%.2f")
+                                    for c in comparison.half_table(half).columns})
+    st.caption("Each layer alone clustered to half its filters (euclidean, no BN folding), all others untouched; "
+               "drops on the full test split, the held-out drop on 2,000 training images the net was not "
+               "fitted on by the recovery (what the search chooses with). The seed spread is max - min top-1 over "
+               "the k-means seeds measured. Weight space: k-means on the filters; data-aware: k-means in the "
+               "layer's output error. Least squares re-fits the layers after the clustered one to the original "
+               "net's outputs on 512 training images; no gradient step anywhere.")
 
 
 def best_configurations(doc: dict) -> list[dict]:
@@ -398,6 +435,8 @@ def render(ctx) -> None:
         st.warning(f"Fine-tuning results could not be listed: {e}", icon=":material/warning:")
         ft_metas = []
     sensitivity_section(sens_path, info.path)
+    st.divider()
+    recovery_section(sens_path, info.path)
     st.divider()
     search_section(search_path, name, info.path, ft_metas, view)
     st.divider()
