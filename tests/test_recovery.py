@@ -264,3 +264,36 @@ def test_fitting_and_choosing_never_read_the_test_split(model):
     bn = replace(cfg, space="weight", recovery="bn", seeds=1)
     n0, n1 = (Explorer(model, d, activation_cache_mb=16).run(bn).model.state_dict() for d in (a, b))
     assert all(torch.equal(n0[k], n1[k]) for k in n0)
+
+
+# ---------------------------------------------------------------- the side-by-side tables
+
+def test_comparison_tables_from_sensitivity_rows():
+    import pandas as pd
+
+    from explorer.analysis import comparison
+
+    def row(layer, filters, space, recovery, seed, top1, drop):
+        return {"layer": layer, "filters": filters, "k": filters // 2, "granularity": "filter", "fold_bn": False,
+                "metric": "euclidean", "n_init": 3, "seeds": 1, "space": space, "recovery": recovery, "seed": seed,
+                "top1": top1, "drop_pts": drop, "select_drop_pts": drop / 2}
+
+    df = pd.DataFrame([
+        row("conv1", 16, "weight", "none", 0, 0.80, 9.0), row("conv1", 16, "weight", "none", 1, 0.70, 19.0),
+        row("layer3.2.conv2", 64, "weight", "none", 0, 0.88, 1.0),
+        row("conv1", 16, "data", "lsq", 0, 0.885, 0.5), row("conv1", 16, "data", "lsq", 1, 0.880, 1.0),
+        {**row("conv1", 16, "data", "lsq", 0, 0.1, 80.0), "k": 4},  # not half: left out
+    ])
+    half = comparison.half_points(df)
+    assert len(half) == 5
+    s = comparison.summary(half).set_index("variant")
+    assert list(s.index) == ["weight space + no recovery", "data-aware + least squares"]
+    assert s.loc["weight space + no recovery", "mean drop (pp)"] == pytest.approx(5.0)
+    assert s.loc["weight space + no recovery", "worst seed spread (pp)"] == pytest.approx(10.0)
+    assert s.loc["data-aware + least squares", "mean seed spread (pp)"] == pytest.approx(0.5)
+    assert s.loc["data-aware + least squares", "mean held-out drop (pp)"] == pytest.approx(0.25)
+    t = comparison.half_table(half)
+    assert list(t.index) == ["conv1", "layer3.2.conv2", "mean (layers in every column)"]
+    assert t.loc["mean (layers in every column)", "weight space + no recovery"] == pytest.approx(9.0)  # conv1 only
+    assert comparison.spread_of(half, "conv1", "weight space + no recovery") == {
+        "seeds": [0, 1], "min": 0.70, "median": pytest.approx(0.75), "max": 0.80}

@@ -29,7 +29,7 @@ from .. import checkpoints as ckpt
 from ..clustering import ClusteringConfig
 from ..evaluate import per_class_table
 from ..training.finetune import finetuned_for
-from . import charts
+from . import charts, comparison
 from .results import Evaluations, header, open_results, save_results
 from .search import load_search, pareto_table
 from .sensitivity import load_sensitivity
@@ -239,19 +239,38 @@ def build_report(explorer, out: Path, sensitivity_path: Path | None, search_path
     else:
         d.para("Each cell: top-1 points lost when only that layer is clustered to k (all other layers untouched). "
                "k = filter count is the unclustered reference.")
-        groups = sens.groupby(["metric", "granularity", "fold_bn", "recalibrate_bn"], sort=True)
+        full = sens[(sens.space == "weight") & (sens.recovery != "lsq") & (sens.seed == 0)]  # the full-grid sweeps
+        groups = full.groupby(["metric", "granularity", "fold_bn", "recalibrate_bn"], sort=True)
         for i, ((metric, gran, fold, recal), g) in enumerate(groups):
             sub = f"{metric}, {gran}" + (", BN folded" if fold else "") + (f", BN re-estimated ({recal})" if recal else "")
             d.chart(f"sensitivity_{i}", charts.sensitivity_heatmap(g, subtitle=f"{sub}; {data_name}", clip=20.0))
         first = next(iter(groups))[1]
         d.chart("sensitivity_lines", charts.sensitivity_lines(first))
-        both = sens[(sens.granularity == "filter") & (~sens.fold_bn) & (sens.recalibrate_bn == 0)]
+        both = full[(full.granularity == "filter") & (~full.fold_bn) & (full.recalibrate_bn == 0)]
         if set(both.metric) >= {"euclidean", "cosine"}:
             d.chart("sensitivity_metrics", charts.metric_sensitivity_chart(both))
             piv = both[both.k < both.filters].pivot_table(index="k", columns="metric", values="drop_pts", aggfunc="mean")
             d.para("Mean points lost over layers, per k: " + "; ".join(
                 f"k={k}: euclidean {r['euclidean']:.2f}, cosine {r['cosine']:.2f}" for k, r in piv.iterrows()))
         numbers["sensitivity_points"] = int(len(sens))
+        half = comparison.half_points(sens)
+        if not half.empty and half["variant"].nunique() > 1:
+            d.heading("Without training: clustering space and recovery, side by side")
+            d.para("Each layer alone clustered to half its filters (euclidean, no BN folding), all others untouched. "
+                   "Weight space: k-means on the filters; data-aware: k-means in the metric of the layer's output "
+                   "error on 512 training images. Recovery: none, BN re-estimation (2,000 training images), or "
+                   "least squares (every layer from the clustered one on re-fitted in closed form to the original "
+                   "net's outputs on 512 training images). Drops on the test split; the held-out drop on 2,000 "
+                   "training images not used by any fit; seed spread = max - min top-1 over the k-means seeds "
+                   "measured.")
+            summ = comparison.summary(half)
+            d.table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()}
+                     for r in summ.to_dict("records")])
+            d.chart("recovery_comparison", charts.recovery_comparison_chart(half, subtitle=data_name))
+            table = comparison.half_table(half).round(2).reset_index()
+            d.table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()}
+                     for r in table.to_dict("records")])
+            numbers["recovery_comparison"] = summ.to_dict("records")
 
     # 4. search: Pareto and best configurations
     d.heading("Best per-layer k under an accuracy budget")
