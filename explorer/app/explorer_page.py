@@ -22,6 +22,7 @@ from ..clustering import (GRANULARITIES, MAX_N_INIT, MAX_RECALIBRATION_IMAGES, M
 from ..model import CONV_LAYERS, conv_layer
 from ..pipeline import Explorer
 from . import charts, sidebar, spread, state
+from . import finetuning
 from . import support as sup
 
 STAGES = (("Stem", 0), ("Stage 1 · 16 filters", 1), ("Stage 2 · 32 filters", 2), ("Stage 3 · 64 filters", 3))
@@ -312,9 +313,11 @@ def explore(exp: Explorer, name: str) -> None:
     config = state.current_config()
     state.sync_url()
     head = st.container()
-    tabs = st.tabs(["Per-class accuracy", "Confusion matrices", "Filters in 2D", "Downloads"])
+    tabs = st.tabs(["Per-class accuracy", "Confusion matrices", "Filters in 2D", "Downloads", "Fine-tune"])
     with tabs[2]:
         projection_section(exp, config)
+    with tabs[4]:  # drawn first, so that a configuration that cannot be applied still says why here
+        finetuning.section(exp.model, config)
     with head:
         preview = st.empty()
         try:
@@ -341,6 +344,7 @@ def explore(exp: Explorer, name: str) -> None:
         confusion_section(result)
     with tabs[3]:
         downloads_section(result, exp, name)
+        finetuning.export_downloads(name)
         with st.expander("Configuration JSON"):
             st.code(sup.config_json(config).decode(), language="json")
 

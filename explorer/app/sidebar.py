@@ -64,39 +64,74 @@ def checkpoint_signature(infos) -> tuple:
     return tuple((i.name, i.complete, i.training, i.error is None) for i in infos)
 
 
+def run_signature(infos, launch: sup.LaunchRecord | None) -> tuple:
+    """What changes the sidebar outside the progress fragment: the checkpoint listing and whether
+    the app's last launch is alive (when it ends, the page shows how)."""
+    return checkpoint_signature(infos) + (launch is not None and launch.alive,)
+
+
+def ended_launch_message(launch: sup.LaunchRecord | None, infos, ckpt_dir: Path, within_s: float = 86_400) -> str | None:
+    """For the app's last launch that ended in the last ``within_s`` seconds without a complete
+    checkpoint: one line saying so, with the last line of its log (its error); else None."""
+    if launch is None or launch.alive or time.time() - launch.started > within_s:
+        return None
+    if any(i.name == launch.name and i.complete for i in infos):
+        return None
+    last = next((l for l in reversed(sup.tail(launch.log, 20).splitlines()) if l.strip()), "")
+    return (f"The {launch.what} run **{launch.name}** started from the app ended before finishing"
+            + (f": `{last.strip()[:300]}`" if last else "") + f" (log: `{launch.log}`)")
+
+
 @st.fragment(run_every=5)
 def training_progress(ckpt_dir: str, signature: tuple) -> None:
-    """Live progress of running trainers; re-runs every 5 s. When a run starts or ends, the whole
-    page re-runs so that the checkpoint picker shows it."""
+    """Live progress of running trainers and fine-tuning runs; re-runs every 5 s. When a run starts
+    or ends, the whole page re-runs so that the checkpoint picker shows it."""
     infos = ckpt.list_checkpoints(ckpt_dir)
-    if checkpoint_signature(infos) != signature:
+    rec = sup.last_launch()
+    if run_signature(infos, rec) != signature:
         st.rerun()
     shown = False
     for info in infos:
-        s = info.status or {}
         if not info.training:
             continue
         shown = True
-        epoch, epochs = float(s.get("epoch") or 0), int(s.get("epochs") or info.meta.get("epochs") or 1)
-        eta = s.get("eta_seconds")
-        age = time.time() - float(s.get("updated") or time.time())
-        st.progress(min(1.0, epoch / max(1, epochs)), text=f"**{info.name}** training: epoch {epoch:.1f}/{epochs}")
-        bits = []
-        if s.get("test_top1") is not None:
-            bits.append(f"latest test top-1 {charts.pct(s['test_top1'])} (bf16 monitor)")
-        if eta:
-            bits.append(f"ETA {int(eta) // 3600} h {int(eta) % 3600 // 60:02d} min")
-        bits.append(f"updated {int(age)} s ago")
-        st.caption(" · ".join(bits))
-    rec = sup.last_launch()
+        run_progress(info.name, info.status or {}, "fine-tuning" if "finetune" in info.meta else "training",
+                     int(info.meta.get("epochs") or 1))
     if rec is not None and rec.alive and not any(i.name == rec.name and i.training for i in infos):
         shown = True
-        st.caption(f"Starting **{rec.name}** (pid {rec.pid}); it appears above once its first status is written.")
+        status = sup.live_status(Path(ckpt_dir), rec.name)
+        if status is not None:  # in its first epoch: no metadata yet, so not in the picker
+            run_progress(rec.name, status, rec.what, 1)
+            st.caption("It appears in the checkpoint picker after its first epoch.")
+        else:
+            st.caption(f"Starting **{rec.name}** ({rec.what}, pid {rec.pid}){PREPARING.get(rec.kind, '')}; "
+                       "its progress shows here once its first status is written.")
         log = sup.tail(rec.log, 3)
         if log:
             st.code(log, language=None)
     if not shown:
         st.caption("No training run in progress.")
+
+
+# What a run does before its first status: fine-tuning clusters the net and evaluates it first.
+PREPARING = {"finetune": ": clustering the base net and evaluating it before and after clustering on the test split"}
+
+
+def run_progress(name: str, status: dict, what: str, epochs_default: int) -> None:
+    """A progress bar and caption (latest test top-1, ETA, age) of one running run's status file."""
+    s = status
+    epoch, epochs = float(s.get("epoch") or 0), int(s.get("epochs") or epochs_default)
+    eta = s.get("eta_seconds")
+    age = time.time() - float(s.get("updated") or time.time())
+    st.progress(min(1.0, epoch / max(1, epochs)), text=f"**{name}** {what}: epoch {epoch:.1f}/{epochs}")
+    bits = []
+    if s.get("test_top1") is not None:
+        monitor = "fp32, compressed net" if what == "fine-tuning" else "bf16 monitor"
+        bits.append(f"latest test top-1 {charts.pct(s['test_top1'])} ({monitor})")
+    if eta:
+        bits.append(f"ETA {int(eta) // 3600} h {int(eta) % 3600 // 60:02d} min")
+    bits.append(f"updated {int(age)} s ago")
+    st.caption(" · ".join(bits))
 
 
 def training_enabled() -> bool:
@@ -171,7 +206,10 @@ def render(query: dict, warns: list[str]) -> Context:
             st.error(ss["upload_error"], icon=":material/error:")
         launch = sup.last_launch()
         if any(i.training for i in infos) or (launch and launch.alive):
-            training_progress(str(ckpt_dir), checkpoint_signature(infos))
+            training_progress(str(ckpt_dir), run_signature(infos, launch))
+        ended = ended_launch_message(launch, infos, ckpt_dir)
+        if ended:
+            st.warning(ended, icon=":material/warning:")
         for bad in (i for i in infos if i.error):
             st.error(f"{bad.name}: {bad.error}", icon=":material/error:")
     return Context(ckpt_dir, infos, by_name, labels, upload, view)

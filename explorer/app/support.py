@@ -7,8 +7,9 @@ Streamlit so it can be tested directly:
 - the message shown when there is no dataset (:func:`data_error_message`);
 - results for a configuration: ``Explorer.run`` (exact shortcut for "nothing clustered" there);
 - download payloads (:func:`config_json`, :func:`compressed_zip`);
-- the optional "train a new checkpoint" launcher (:func:`launch_training`): one detached
-  ``python -m explorer.train`` at a time, off unless enabled (:func:`training_enabled`).
+- the optional "train a new checkpoint" and "fine-tune this configuration" launchers
+  (:func:`launch_training`, :func:`launch_finetune`): one detached ``python -m explorer.train`` or
+  ``python -m explorer.finetune`` at a time, off unless enabled (:func:`training_enabled`).
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def checkpoint_label(info: ckpt.CheckpointInfo) -> str:
         return info.label()
     if info.training:
         s = info.status or {}
-        return f"{info.name} - in training, epoch {_epoch(s.get('epoch'))}/{s.get('epochs', '?')}"
+        what = "fine-tuning" if "finetune" in info.meta else "in training"
+        return f"{info.name} - {what}, epoch {_epoch(s.get('epoch'))}/{s.get('epochs', '?')}"
     done = info.meta.get("epochs_done")
     return f"{info.name} - incomplete ({done}/{info.meta.get('epochs', '?')} epochs, trainer not running)"
 
@@ -264,17 +266,24 @@ def log_dir() -> Path:
 
 @dataclass(frozen=True)
 class LaunchRecord:
-    """A trainer started from the app: process id, checkpoint name, log file, start time, command."""
+    """A run started from the app: process id, checkpoint name, log file, start time, command, and
+    ``kind``: "train" (``python -m explorer.train``) or "finetune" (``python -m explorer.finetune``)."""
 
     pid: int
     name: str
     log: str
     started: float
     cmd: list
+    kind: str = "train"
 
     @property
     def alive(self) -> bool:
         return ckpt.pid_alive(self.pid)
+
+    @property
+    def what(self) -> str:
+        """"training" or "fine-tuning", for messages."""
+        return "fine-tuning" if self.kind == "finetune" else "training"
 
 
 def last_launch(logs: Path | None = None) -> LaunchRecord | None:
@@ -282,59 +291,192 @@ def last_launch(logs: Path | None = None) -> LaunchRecord | None:
     path = (logs or log_dir()) / "launch.json"
     try:
         d = json.loads(path.read_text())
-        return LaunchRecord(int(d["pid"]), str(d["name"]), str(d["log"]), float(d["started"]), list(d["cmd"]))
+        return LaunchRecord(int(d["pid"]), str(d["name"]), str(d["log"]), float(d["started"]), list(d["cmd"]),
+                            str(d.get("kind", "train")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
+def live_status(ckpt_dir: Path, name: str) -> dict | None:
+    """The status file of run ``name`` in ``ckpt_dir`` while its process is alive and running (also
+    before its first epoch has written the metadata that lists it as a checkpoint), else None."""
+    path = ckpt.paths(ckpt_dir, name)["status"]
+    try:
+        s = ckpt.read_json(path) if path.is_file() else None
+    except ckpt.CheckpointError:
+        return None
+    return s if s and s.get("state") == "running" and ckpt.pid_alive(s.get("pid")) else None
+
+
 def running_training(ckpt_dir: Path, logs: Path | None = None) -> str | None:
-    """A description of a trainer that is running now (a checkpoint with a live status file, or the
-    app's last launch still alive), or None."""
+    """A description of a trainer or fine-tuning run that is running now (a live status file in
+    ``ckpt_dir``, listed as a checkpoint or not yet, or the app's last launch still alive), or None."""
     for info in ckpt.list_checkpoints(ckpt_dir):
         if info.training:
             return f"{info.name} (pid {info.status.get('pid')})"
+    for path in sorted(Path(ckpt_dir).glob("*.status.json")):
+        name = path.name[: -len(".status.json")]
+        s = live_status(Path(ckpt_dir), name)
+        if s is not None:
+            return f"{name} (pid {s.get('pid')})"
     rec = last_launch(logs)
     if rec is not None and rec.alive:
         return f"{rec.name} (pid {rec.pid}, started from the app)"
     return None
 
 
-def launch_training(name: str, epochs: int, seed: int, ckpt_dir: Path | None = None, logs: Path | None = None,
-                    extra_args: tuple[str, ...] = ()) -> LaunchRecord:
-    """Start ``python -m explorer.train --epochs E --seed S --name NAME --out DIR`` detached from the
-    app (own session, stdin closed, stdout+stderr to ``<logs>/train-<name>.log``), so it survives
-    the server and never blocks it. At most one trainer runs at a time (checked under a file lock
-    against live status files and the previous launch). The dataset comes from the environment
-    (``EXPLORER_DATA``), as for the app. Raises LaunchError with the reason."""
-    ckpt_dir = Path(ckpt_dir or checkpoint_dir())
-    logs = Path(logs or log_dir())
+def _check_new_name(name: str, ckpt_dir: Path) -> None:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise LaunchError("name: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
-    if not (isinstance(epochs, int) and 1 <= epochs <= MAX_EPOCHS):
-        raise LaunchError(f"epochs must be in 1..{MAX_EPOCHS}")
-    if not (isinstance(seed, int) and 0 <= seed < 2**31):
-        raise LaunchError("seed must be in 0..2^31-1")
     if ckpt.paths(ckpt_dir, name)["meta"].exists() or ckpt.paths(ckpt_dir, name)["weights"].exists():
         raise LaunchError(f"a checkpoint named {name!r} already exists in {ckpt_dir}; choose another name")
+
+
+def _launch(kind: str, name: str, args: list[str], ckpt_dir: Path, logs: Path, before=None) -> LaunchRecord:
+    """Start ``python -m explorer.<kind> ARGS`` detached (own session, stdin closed, stdout+stderr to
+    ``<logs>/<kind>-<name>.log``) under the launch lock, unless a run is in progress (LaunchError).
+    ``before(logs)`` runs under the lock just before the start (writes the run's inputs)."""
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / ".launch.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         busy = running_training(ckpt_dir, logs)
         if busy:
-            raise LaunchError(f"a training run is already in progress: {busy}; one at a time")
-        log_path = logs / f"train-{name}.log"
-        cmd = [sys.executable, "-m", "explorer.train", "--epochs", str(epochs), "--seed", str(seed),
-               "--name", name, "--out", str(ckpt_dir), "--quiet", *extra_args]
+            raise LaunchError(f"a training or fine-tuning run is already in progress: {busy}; one at a time")
+        if before is not None:
+            before(logs)
+        log_path = logs / f"{kind}-{name}.log"
+        cmd = [sys.executable, "-m", f"explorer.{kind}", *args]
         with open(log_path, "ab") as out:
             out.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} started from the app: {' '.join(cmd)}\n".encode())
             out.flush()
             proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True, close_fds=True)
-        rec = LaunchRecord(proc.pid, name, str(log_path), time.time(), cmd)
+        rec = LaunchRecord(proc.pid, name, str(log_path), time.time(), cmd, kind)
         ckpt.save_json(rec.__dict__, logs / "launch.json")
         # Reap the child when it ends so it does not linger as a zombie of the server process.
-        threading.Thread(target=proc.wait, name=f"reap-train-{proc.pid}", daemon=True).start()
+        threading.Thread(target=proc.wait, name=f"reap-{kind}-{proc.pid}", daemon=True).start()
         return rec
+
+
+def launch_training(name: str, epochs: int, seed: int, ckpt_dir: Path | None = None, logs: Path | None = None,
+                    extra_args: tuple[str, ...] = ()) -> LaunchRecord:
+    """Start ``python -m explorer.train --epochs E --seed S --name NAME --out DIR`` detached from the
+    app (own session, stdin closed, stdout+stderr to ``<logs>/train-<name>.log``), so it survives
+    the server and never blocks it. At most one run (training or fine-tuning) at a time (checked
+    under a file lock against live status files and the previous launch). The dataset comes from
+    the environment (``EXPLORER_DATA``), as for the app. Raises LaunchError with the reason."""
+    ckpt_dir = Path(ckpt_dir or checkpoint_dir())
+    logs = Path(logs or log_dir())
+    _check_new_name(name, ckpt_dir)
+    if not (isinstance(epochs, int) and 1 <= epochs <= MAX_EPOCHS):
+        raise LaunchError(f"epochs must be in 1..{MAX_EPOCHS}")
+    if not (isinstance(seed, int) and 0 <= seed < 2**31):
+        raise LaunchError("seed must be in 0..2^31-1")
+    return _launch("train", name, ["--epochs", str(epochs), "--seed", str(seed), "--name", name,
+                                   "--out", str(ckpt_dir), "--quiet", *extra_args], ckpt_dir, logs)
+
+
+# ---------------------------------------------------------------- fine-tuning from the app
+
+FINETUNE_METHODS = {"plain": "cross-entropy on the training labels",
+                    "distill": "plus knowledge distillation from the unclustered checkpoint (Hinton et al. 2015)"}
+
+
+def finetune_problem(info: ckpt.CheckpointInfo | None, config: ClusteringConfig, model=None) -> str | None:
+    """Why the checkpoint ``info`` (None: this session's upload) cannot be fine-tuned with
+    ``config``, in one line with what to do, or None when it can. ``model``: its loaded ResNet20,
+    for the distinct-filter limit (:mod:`explorer.limits`)."""
+    from .. import limits
+    from ..clustering import ClusteringError
+
+    if info is None:
+        return ("an uploaded checkpoint stays in this browser session's memory and a fine-tuning run is a separate "
+                "process that reads the checkpoint directory; save the file there (or run python -m "
+                "explorer.finetune --checkpoint FILE) to fine-tune it")
+    if not info.complete:
+        return (f"{info.name} is still {'in training' if info.training else 'incomplete'}; fine-tune it once its "
+                f"training has finished")
+    try:
+        config.validate()
+    except ClusteringError as e:
+        return str(e)
+    if not config.active:
+        return "nothing is clustered: set at least one layer's k below its filter count, then fine-tune"
+    if config.granularity != "filter":
+        return ("fine-tuning keeps whole-filter clusters tied; kernel granularity cannot be fine-tuned, choose "
+                "granularity filter")
+    if model is not None:
+        found = limits.problems(model, config)
+        if found:
+            return "; ".join(found)
+    return None
+
+
+def default_finetune_name(base: str, ckpt_dir: Path) -> str:
+    """``<base>_ft``, or ``<base>_ft2``, ``_ft3``... when taken (cut to fit the 64-character names)."""
+    for i in range(1, 1000):
+        name = f"{base[:58]}_ft{'' if i == 1 else i}"
+        if not (ckpt.paths(ckpt_dir, name)["meta"].exists() or ckpt.paths(ckpt_dir, name)["weights"].exists()):
+            return name
+    return f"{base[:50]}_ft{int(time.time())}"
+
+
+def launch_finetune(info: ckpt.CheckpointInfo | None, config: ClusteringConfig, name: str, epochs: int,
+                    distill: float = 0.0, temperature: float = 4.0, lr: float = 0.02, model=None,
+                    ckpt_dir: Path | None = None, logs: Path | None = None,
+                    extra_args: tuple[str, ...] = ()) -> LaunchRecord:
+    """Start ``python -m explorer.finetune --checkpoint <info.path> --config <logs>/finetune-<name>.config.json
+    --epochs E --lr LR --distill A --temperature T --name NAME --out DIR`` detached, exactly like
+    :func:`launch_training` (same lock, one run of either kind at a time, log
+    ``<logs>/finetune-<name>.log``). The run writes ``<DIR>/<name>.pt`` + ``.json`` every epoch (the
+    picker lists it, "fine-tuning", then with its accuracy) and at the end its compressed export
+    ``<DIR>/compressed/<name>.pt`` + ``.json`` + ``.onnx``. ``distill`` 0 is plain fine-tuning.
+    Raises LaunchError with the reason (:func:`finetune_problem`, a bad name or setting, a run in
+    progress)."""
+    ckpt_dir = Path(ckpt_dir or checkpoint_dir())
+    logs = Path(logs or log_dir())
+    problem = finetune_problem(info, config, model if model is not None else _model_of(info))
+    if problem:
+        raise LaunchError(f"cannot fine-tune: {problem}")
+    _check_new_name(name, ckpt_dir)
+    if not (isinstance(epochs, int) and 1 <= epochs <= MAX_EPOCHS):
+        raise LaunchError(f"epochs must be in 1..{MAX_EPOCHS}")
+    if not (0 <= distill <= 1 and temperature > 0 and 0 < lr <= 1):
+        raise LaunchError("distillation weight must be in 0..1, temperature > 0, learning rate in (0, 1]")
+    cfg_path = logs / f"finetune-{name}.config.json"
+    args = ["--checkpoint", str(info.path), "--config", str(cfg_path), "--epochs", str(epochs), "--lr", repr(float(lr)),
+            "--distill", repr(float(distill)), "--temperature", repr(float(temperature)), "--name", name,
+            "--out", str(ckpt_dir), "--quiet", *extra_args]
+    return _launch("finetune", name, args, ckpt_dir, logs, before=lambda _: ckpt.save_bytes(config_json(config), cfg_path))
+
+
+def _model_of(info: ckpt.CheckpointInfo | None):
+    try:
+        return ckpt.load_model(info.path) if info is not None and info.path.is_file() else None
+    except ckpt.CheckpointError:
+        return None
+
+
+def finetune_export(ckpt_dir: Path, name: str) -> list[Path]:
+    """The compressed export a fine-tuning run wrote for checkpoint ``name``:
+    ``<ckpt_dir>/compressed/<name>.pt``, ``.json``, ``.onnx`` (those that exist; [] for none)."""
+    d = Path(ckpt_dir) / "compressed"
+    return [p for p in (d / f"{name}{s}" for s in (".pt", ".json", ".onnx")) if p.is_file()]
+
+
+def export_zip(paths: list[Path], name: str) -> bytes:
+    """A zip of a compressed export's files (:func:`finetune_export`) and a README saying how to load them."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for p in paths:
+            z.write(p, p.name)
+        z.writestr("README.txt",
+                   f"Compressed export of the fine-tuned checkpoint {name!r} (structurally smaller ResNet20).\n"
+                   f"PyTorch: from explorer.compress import load_compressed; model = load_compressed('{name}.pt')"
+                   f"  # keep {name}.json beside it\n"
+                   f"ONNX:    onnxruntime.InferenceSession('{name}.onnx')\n"
+                   f"Inputs: float (N, 3, 32, 32) normalised like explorer.data.normalize; output (N, 10) logits.\n")
+    return buf.getvalue()
 
 
 def tail(path: str | Path, lines: int = 8, max_bytes: int = 16_384) -> str:

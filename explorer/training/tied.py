@@ -278,7 +278,7 @@ def prepare(base: nn.Module, config: ClusteringConfig, data, rebase_images: int 
     config.validate()
     if not config.active:
         raise ClusteringError("the configuration clusters no layer; nothing to fine-tune")
-    model, clustering = prune(base, config, data.train_images)
+    model, clustering = prune(base, config, data.train_images, data.train_labels)  # labels: seeds > 1 picks on them
     small = compress(model, clustering)
     merged = merged_layers(small)
     tied = tie(model, clustering, tied_bn_layers(clustering, small), must_tie=merged)
