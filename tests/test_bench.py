@@ -57,3 +57,14 @@ def test_random_changes_are_single_layer_steps_and_replayable():
         assert {n for n in ks if ks[n] != prev.get(n)} <= {layer} and 1 <= ks[layer] < dict(
             (c.name, c.filters) for c in bench.CONV_LAYERS)[layer]
         prev = dict(ks)
+
+
+def test_recovery_cost_compares_variants_on_the_same_changes(tmp_path):
+    torch.manual_seed(1)
+    path = tmp_path / "random.pt"
+    save_torch(resnet20().state_dict(), path)
+    r = bench.recovery_cost(str(path), None, changes=3, seed=0, data=synthetic_cifar10(300, 100, seed=2))
+    assert r["changes"] == 3 and set(r) >= {"none", "lsq", "data+lsq"}
+    for v in ("lsq", "data+lsq"):
+        assert r[v]["ratio_median"] == pytest.approx(r[v]["median_s"] / r["none"]["median_s"])
+    assert "extra median s" in bench.format_recovery_cost(r)

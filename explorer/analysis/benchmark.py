@@ -179,6 +179,56 @@ def run(checkpoint: str, data_root: str | None, changes: int, seed: int, naive_r
     return results
 
 
+def recovery_cost(checkpoint: str, data_root: str | None, changes: int = 20, seed: int = 0, data=None) -> dict:
+    """What least-squares recovery adds to a slider move, measured in one run: the random slider
+    sequence (:func:`random_changes`) replayed without recovery (weight space), with least squares
+    (weight space) and with the app's default (data-aware space + least squares), each full result
+    timed (clustering, recovery, compression and the full-test evaluation). Returns per variant the
+    median / p90 seconds and the median extra over "none" per change (same change, same run), and
+    the one-time cost of the training-image statistics (warmed before timing)."""
+    from dataclasses import replace
+
+    from ..pipeline import Explorer
+
+    data = data if data is not None else load_cifar10(data_root)
+    explorer = Explorer(ckpt.load_model(checkpoint), data, "bench")
+    seq = [cfg for _, cfg in random_changes(seed, changes)]
+    t = time.perf_counter()
+    explorer.run(ClusteringConfig(ks={"conv1": 8}, space="data", recovery="lsq"))  # statistics: once per checkpoint
+    stats_s = time.perf_counter() - t
+    variants = {"none": {}, "lsq": {"recovery": "lsq"}, "data+lsq": {"space": "data", "recovery": "lsq"}}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    top1: dict[str, list[float]] = {v: [] for v in variants}
+    _log(f"recovery cost: {changes} changes x {len(variants)} variants")
+    for cfg in seq:
+        for v, opts in variants.items():  # interleaved, so host speed drifts hit every variant alike
+            c = replace(cfg, **opts)
+            t = time.perf_counter()
+            r = explorer.run(c)
+            times[v].append(time.perf_counter() - t)
+            top1[v].append(r.evaluation.top1)
+    out = {"changes": changes, "statistics_s": stats_s, "threads": torch.get_num_threads()}
+    for v in variants:
+        out[v] = {"median_s": statistics.median(times[v]), "p90_s": _pct(times[v], 90),
+                  "mean_top1": statistics.mean(top1[v])}
+        if v != "none":
+            extra = [a - b for a, b in zip(times[v], times["none"])]
+            out[v].update(extra_median_s=statistics.median(extra), extra_p90_s=_pct(extra, 90),
+                          ratio_median=statistics.median(times[v]) / statistics.median(times["none"]))
+    return out
+
+
+def format_recovery_cost(r: dict) -> str:
+    out = [f"{'variant':<12}{'median s':>10}{'p90 s':>8}{'extra median s':>16}{'extra p90 s':>13}{'mean top-1':>12}"]
+    for v in ("none", "lsq", "data+lsq"):
+        x = r[v]
+        out.append(f"{v:<12}{x['median_s']:10.2f}{x['p90_s']:8.2f}{x.get('extra_median_s', 0):16.2f}"
+                   f"{x.get('extra_p90_s', 0):13.2f}{100 * x['mean_top1']:11.2f}%")
+    out.append(f"{r['changes']} random single-layer changes (cumulative, from nothing clustered), each variant on the "
+               f"same change in the same run; training-image statistics, once per checkpoint: {r['statistics_s']:.1f} s")
+    return "\n".join(out)
+
+
 def exactness(checkpoint: str, data_root: str | None, seeds: tuple[int, ...] = (0, 7, 11), changes: int = 15,
               data=None) -> dict:
     """How far the reported (mixed) path's predictions are from fp32: for ``changes`` random

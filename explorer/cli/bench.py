@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..analysis.benchmark import exactness, format_table, run as run_benchmark
+from ..analysis.benchmark import exactness, format_recovery_cost, format_table, recovery_cost, run as run_benchmark
 from ..analysis.results import default_checkpoint
 from .common import DATA_HELP, parser
 
@@ -27,8 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exactness", action="store_true",
                    help="instead: count predictions of the reported path that differ from fp32 on 3 random "
                         "sequences of 15 changes (JSON)")
+    p.add_argument("--recovery", action="store_true",
+                   help="instead: time what least-squares recovery adds to a slider move (--changes changes, "
+                        "none vs lsq vs data+lsq in the same run)")
     args = p.parse_args(argv)
     try:
+        if args.recovery:
+            r = recovery_cost(args.checkpoint, args.data, args.changes, args.seed)
+            print(json.dumps(r, indent=2) if args.json else format_recovery_cost(r))
+            return 0
         if args.exactness:
             print(json.dumps(exactness(args.checkpoint, args.data), indent=2))
             return 0
