@@ -253,13 +253,16 @@ class LayerMap:
         return order, np.asarray(self.points)[order, : cin * 9].reshape(len(order), cin, 3, 3), None
 
 
-def layer_map(model, config, layer: str) -> LayerMap:
+def layer_map(model, config, layer: str, train_images=None) -> LayerMap:
     """:class:`LayerMap` of conv ``layer`` of ``model`` (a ResNet20, not mutated) under
     ``config`` (a :class:`explorer.clustering.ClusteringConfig`): that layer alone is clustered
     with ``config``'s k and options (cached by :func:`explorer.clustering.cluster_model`), BN
-    re-estimation left out since it does not move the filters. Raises KeyError for an unknown layer,
-    ClusteringError for an invalid k."""
-    from .clustering import cluster_model, layer_points
+    re-estimation left out since it does not move the filters. ``space="data"`` needs
+    ``train_images`` (uint8 (N, 3, 32, 32), the training split) for the statistics that metric
+    comes from (the same images as :func:`explorer.clustering.prune`); the map still shows the
+    filters' weights. Raises KeyError for an unknown layer, ClusteringError for an invalid k or a
+    data space without training images."""
+    from .clustering import ClusteringError, _reference, cluster_model, layer_points
     from .model import conv_layer
 
     info = conv_layer(layer)
@@ -269,12 +272,22 @@ def layer_map(model, config, layer: str) -> LayerMap:
     k = config.active.get(layer)
     labels = centroids = None
     if k:
-        lc = cluster_model(model, replace(config, ks={layer: k}, recalibrate_bn=0)).layers[layer]
+        ref = None
+        if config.space == "data":
+            if train_images is None:
+                raise ClusteringError("space=data needs the training images for the layer's statistics")
+            ref = _reference(model, config, train_images)
+        lc = cluster_model(model, replace(config, ks={layer: k}, recalibrate_bn=0), ref).layers[layer]
         labels, centroids = lc.labels, lc.centroids
+    space = clustering_space(pts, config.metric)
+    if labels is not None and config.space == "data":
+        # k-means' centroids live in the whitened output-error space; the map (and the thumbnails)
+        # show weights, so each cluster is drawn at its members' mean there.
+        centroids = np.stack([space[labels == c].mean(0) for c in range(k)]).astype(np.float32)
     cin = info.filter_shape[0]
     if config.granularity == "kernel":
         names, what = [f"{i // cin} (in-channel {i % cin})" for i in range(len(pts))], "2D kernels"
     else:
         names, what = [str(i) for i in range(len(pts))], "filters"
-    return LayerMap(layer, pts, clustering_space(pts, config.metric), np.linalg.norm(pts, axis=1), names, what,
+    return LayerMap(layer, pts, space, np.linalg.norm(pts, axis=1), names, what,
                     k, labels, centroids, cin, config.granularity)

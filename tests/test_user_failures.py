@@ -266,3 +266,25 @@ def test_commands_say_why_a_checkpoint_cannot_be_loaded(command, name, make, nee
     assert len(lines) == 1 and lines[0].startswith(f"error: {name}: not a valid checkpoint: "), err
     assert needle in lines[0] and "\x1b" not in err and "weights_only" not in err and "PyTorch 2.6" not in err
     assert "pass " in lines[0]  # what to do
+
+
+# ---------------------------------------------------------------- the 2D view in the data space
+
+def test_2d_view_of_a_data_space_clustering():
+    """The app's default space is the data space: the 2D view clusters with the layer's statistics
+    on training images (it raised "space=data needs statistics" before), shows the very clusters
+    the net uses, and draws each centroid at its members' mean in the map's weight space."""
+    from explorer import projection
+    from explorer.clustering import prune
+    from explorer.data import synthetic_cifar10
+
+    model, data = resnet20().eval(), synthetic_cifar10(64, 20)
+    cfg = ClusteringConfig(ks={"layer2.0.conv1": 5}, space="data")
+    with pytest.raises(ClusteringError, match="training images"):
+        projection.layer_map(model, cfg, "layer2.0.conv1")
+    lmap = projection.layer_map(model, cfg, "layer2.0.conv1", data.train_images)
+    _, used = prune(model, cfg, data.train_images)
+    np.testing.assert_array_equal(lmap.labels, used.layers["layer2.0.conv1"].labels)
+    assert lmap.centroids.shape == (5, lmap.space.shape[1])
+    np.testing.assert_allclose(lmap.centroids[0], lmap.space[lmap.labels == 0].mean(0), atol=1e-6)
+    projection.embed(lmap.space, lmap.centroids, "pca")

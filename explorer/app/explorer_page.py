@@ -204,7 +204,7 @@ def projection_section(exp: Explorer, config: ClusteringConfig) -> None:
     method = st.session_state.get("proj") or state.DEFAULT_PROJECTION
     state.sync_url()
     try:
-        lmap = projection.layer_map(exp.model, limits.check(exp.model, config, [layer]), layer)
+        lmap = projection.layer_map(exp.model, limits.check(exp.model, config, [layer]), layer, exp.data.train_images)
     except ClusteringError as e:
         st.error(f"This configuration cannot be applied: {e}")
         return
