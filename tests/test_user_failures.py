@@ -288,3 +288,18 @@ def test_2d_view_of_a_data_space_clustering():
     assert lmap.centroids.shape == (5, lmap.space.shape[1])
     np.testing.assert_allclose(lmap.centroids[0], lmap.space[lmap.labels == 0].mean(0), atol=1e-6)
     projection.embed(lmap.space, lmap.centroids, "pca")
+
+
+# ---------------------------------------------------------------- analysis of a fine-tuned checkpoint
+
+def test_sensitivity_of_a_fine_tuned_checkpoint_leaves_out_what_cannot_be_clustered(tmp_path, capsys):
+    """p58's layer1.0.conv1 holds 9 distinct filters: a sweep with k = 12 in its grid measured
+    nothing and stopped with a ClusteringError; now it measures the others and says what it left out."""
+    from explorer.analysis.results import make_explorer
+    from explorer.analysis.sensitivity import sweep
+    from explorer.data import synthetic_cifar10
+
+    exp = make_explorer(p58_model(), synthetic_cifar10(64, 20), P58)
+    doc = sweep(exp, tmp_path / "s.json", layers=["layer1.0.conv1"], grid=(4, 9, 12), progress=True)
+    assert sorted(r["k"] for r in doc["points"].values()) == [4, 9, 16]
+    assert "1 points left out, above their layer's distinct filters (e.g. layer1.0.conv1 k = 12)" in capsys.readouterr().err

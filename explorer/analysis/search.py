@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import checkpoints as ckpt
+from .. import limits
 from ..clustering import ClusteringConfig, ClusteringError, apply, cluster_model
 from ..compress import compress, count_macs
 from ..model import CONV_LAYER_NAMES, conv_layer, count_parameters
@@ -239,6 +240,8 @@ def run_search(explorer, path: str | Path, budgets: list[float], options: Cluste
                   f"({ev.new} new, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     uni = doc.setdefault("uniform", [])
     for cfg in uniform_configs(options, uniform_ks):
+        if limits.problems(explorer.model, cfg):  # above a fine-tuned layer's distinct filters
+            continue
         ev(cfg, "uniform")
         if cfg.key() not in uni:
             uni.append(cfg.key())

@@ -16,11 +16,13 @@ results as a tidy pandas DataFrame for the app and the report.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from .. import checkpoints as ckpt
+from .. import limits
 from ..clustering import ClusteringConfig, ClusteringError
 from ..data import CLASSES
 from ..model import CONV_LAYER_NAMES, conv_layer
@@ -102,6 +104,13 @@ def sweep(explorer, path: str | Path, layers: list[str] | None = None,
     for o in options:
         o.validate()
     todo = plan(layers, options, grid)
+    # A fine-tuned checkpoint holds fewer distinct filters than its filter count in the layers it
+    # was clustered in: a k between the two cannot be clustered, so such points are left out.
+    skipped = [p for p in todo if limits.problems(explorer.model, replace(p[2], ks={}).with_k(p[0], p[1]))]
+    todo = [p for p in todo if p not in skipped]
+    if skipped and progress:
+        print(f"sensitivity: {len(skipped)} points left out, above their layer's distinct filters "
+              f"(e.g. {skipped[0][0]} k = {skipped[0][1]})", file=sys.stderr)
     doc = open_results(path, header(explorer), restart=restart)
     points = doc.setdefault("points", {})
     missing = [p for p in todo if point_key(*p) not in points or "select_top1" not in points[point_key(*p)]]
