@@ -9,8 +9,8 @@ What the loop guarantees, for both:
 - **Cheap bookkeeping.** Loss and correct counts are summed on the device (a ``.item()`` per step
   would wait for an accelerator every step); the status file is rewritten at most every 10 s.
 - **Crash-safe files, in this order** each epoch (every write atomic, :mod:`explorer.checkpoints`):
-  weights, resume state, log, metadata, status. A crash between any two leaves a consistent older
-  epoch to resume from.
+  weights, resume state, metadata, log, status. A crash between any two leaves a consistent older
+  epoch to resume from (the log is rewritten whole from the resume state).
 - **Resume checks.** Every hyper-parameter that shapes the result (all but where files go and how
   fast it runs, :data:`UNPINNED`) and the run's other pins (dataset, clustering...) must equal the
   saved ones, else ``ValueError`` naming the flag.
@@ -316,10 +316,10 @@ def run_epochs(cfg: LoopConfig, hooks: Hooks, data: CIFAR10Tensors, optimizer, s
             ckpt.save_torch({**hooks.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "log": log,
                              "wall_seconds": wall, **pins.to_state()}, files["train"])
-            _write_log(files["log"], log)
             meta.update(status="training", epochs_done=epoch + 1, wall_seconds=round(wall, 1),
                         **hooks.epoch_meta(record, log))
             ckpt.save_json(meta, files["meta"])
+            _write_log(files["log"], log)  # last: whoever sees an epoch in the log finds its metadata too
             _status(files, cfg.epochs, epoch + 1, log, wall, start_epoch)
         if world > 1:
             dist.barrier()
