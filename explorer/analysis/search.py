@@ -199,10 +199,11 @@ def pareto_front(records: list[dict], x: str = "macs") -> list[dict]:
 def run_search(explorer, path: str | Path, budgets: list[float], options: ClusteringConfig,
                objective: str = "macs", sensitivity_path: str | Path | None = None,
                uniform_ks=UNIFORM_KS, tau: float = DEFAULT_TAU, max_evals: int = 200, restart: bool = False,
-               progress: bool = True, layers: list[str] | None = None, grid=K_GRID) -> dict:
+               progress: bool = True, layers: list[str] | None = None, grid=K_GRID, spread_seeds: int = 5) -> dict:
     """Sweep missing sensitivity points, run the greedy for each budget, evaluate the uniform
     configurations, and write everything to ``path``. Returns the result document:
-    ``{"header", "evaluations": {config key: record}, "runs": {run key: GreedyResult dict},
+    ``{"header", "evaluations": {config key: record}, "runs": {run key: GreedyResult dict, with the
+    best configuration's ``seed_spread`` over ``spread_seeds`` k-means seeds},
     "uniform": [config keys], "pareto": {"macs": [...], "params": [...]}}``.
 
     Raises ResultsMismatch (file from other weights/data), ClusteringError (bad options).
@@ -230,6 +231,9 @@ def run_search(explorer, path: str | Path, budgets: list[float], options: Cluste
         rk = run_key(b, objective, options)
         r = greedy(ev, cost, drops, options, b, objective, tau, max_evals, layers)
         runs[rk] = {**r.to_dict(), "options": options_key(options), "tau": tau}
+        if r.best is not None and r.best["config"]["ks"] and spread_seeds > 1:
+            # How much the k-means draw moves the chosen configuration (test split, measured only).
+            runs[rk]["seed_spread"] = explorer.seed_spread(ClusteringConfig.from_dict(r.best["config"]), spread_seeds)
         save_results(doc, path)
         if progress and r.best is None:
             print(f"budget {b:g} pts: infeasible - these options alone cost more than the budget", file=sys.stderr)

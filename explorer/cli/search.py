@@ -56,6 +56,10 @@ def print_table(doc: dict, budgets: list[float], objective: str, options: Cluste
             continue
         print(f"{b:8g}  {100 * r['top1']:6.2f}%  {r['drop_pts']:6.2f}  {r['macs']:12,}  "
               f"{100 * r['mac_reduction']:5.1f}%  {r['params']:8,}  {r['config']['ks']}")
+        sp = doc["runs"][run_key(b, objective, options)].get("seed_spread")
+        if sp:
+            print(f"{'':8}  seed spread over {len(sp['seeds'])} k-means seeds: top-1 {100 * sp['min']:.2f}% .. "
+                  f"{100 * sp['max']:.2f}% (median {100 * sp['median']:.2f}%)")
     for key in doc.get("uniform", []):
         r = doc["evaluations"][key]
         ks = sorted(set(r["config"]["ks"].values())) or ["-"]
