@@ -224,4 +224,5 @@ def test_fine_tuned_result_is_in_the_picker_with_its_export(finetuned, monkeypat
     labels = [b.label for b in at.download_button]
     assert {"All files (.zip)", ".pt", ".json", ".onnx"} <= set(labels), labels
     # the fine-tuned layers hold only their k distinct filters, which their sliders name
-    assert "k ≤ 4" in at.slider(key="k.layer1.0.conv1").label and "k ≤ 8" in at.slider(key="k.layer2.0.conv1").label
+    assert "k\u00a0≤\u00a04" in at.slider(key="k.layer1.0.conv1").label
+    assert "k\u00a0≤\u00a08" in at.slider(key="k.layer2.0.conv1").label

@@ -118,8 +118,8 @@ def test_app_layer_above_its_distinct_filters_gives_a_message_not_a_traceback(ti
                    "recovery": "none"}).run()
     no_exception(at)
     slider = at.slider(key="k.layer1.0.conv1")
-    assert "k ≤ 9" in slider.label and "only 9 distinct filters" in slider.help
-    assert "k ≤" not in at.slider(key="k.layer1.0.conv2").label
+    assert "k\u00a0≤\u00a09" in slider.label and "only 9 distinct filters" in slider.help
+    assert "≤" not in at.slider(key="k.layer1.0.conv2").label
     slider.set_value(12).run()
     no_exception(at)
     errors = [e.value for e in at.error]
@@ -156,13 +156,29 @@ def test_a_dense_net_reports_no_parameter_saving(config):
 
 # ---------------------------------------------------------------- confusion heatmaps
 
-def test_confusion_heatmaps_name_every_class():
+def _class_axes(spec: dict) -> list[dict]:
+    """The axis settings of every class-valued x / y encoding of a Vega-Lite spec."""
+    out = []
+    for layer in spec.get("layer", [spec]):
+        for ch in ("x", "y"):
+            enc = layer.get("encoding", {}).get(ch)
+            if isinstance(enc, dict) and enc.get("field") in ("class", "true", "predicted"):
+                out.append(enc.get("axis") or {})
+    return out
+
+
+def test_class_charts_name_every_class():
+    """Streamlit's theme sets labelOverlap: true, which drops every other rotated class name."""
+    from explorer.analysis import charts as analysis_charts
+    from test_app import _comparison
+
     m = np.arange(100).reshape(10, 10)
-    for kind in ("counts", "delta"):
-        spec = charts.confusion_chart(m, CLASSES, "t", kind).to_dict()
-        axes = [(enc[ch].get("axis") or {}) for layer in spec["layer"] for ch in ("x", "y")
-                for enc in [layer["encoding"]]]
-        # Streamlit's theme sets labelOverlap: true, which drops every other rotated label
+    cmp = _comparison()
+    specs = [charts.confusion_chart(m, CLASSES, "t", kind).to_dict() for kind in ("counts", "delta")]
+    specs += [charts.per_class_chart(cmp).to_dict(), charts.per_class_delta_chart(cmp).to_dict(),
+              analysis_charts.baseline_per_class_chart(dict.fromkeys(CLASSES, 0.5)).to_dict()]
+    for spec in specs:
+        axes = _class_axes(spec)
         assert axes and all(a.get("labelOverlap") is False for a in axes), axes
 
 

@@ -137,7 +137,8 @@ def baseline_per_class_chart(per_class: dict[str, float], title: str = "Baseline
                              subtitle: str | None = None) -> alt.Chart:
     """Bars of per-class accuracy (``{class: fraction}``) with the value as text."""
     d = pd.DataFrame({"class": list(per_class), "accuracy": list(per_class.values())})
-    base = alt.Chart(d).encode(x=alt.X("class:N", sort=list(CLASSES), title=None, axis=alt.Axis(labelAngle=-40)),
+    base = alt.Chart(d).encode(x=alt.X("class:N", sort=list(CLASSES), title=None,
+                                                 axis=alt.Axis(labelAngle=-40, labelOverlap=False)),
                                y=alt.Y("accuracy:Q", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])))
     return (base.mark_bar(color=SOURCE_COLORS["baseline"]) + base.mark_text(dy=-6, fontSize=9).encode(
         text=alt.Text("accuracy:Q", format=".1%"))).properties(width=480, height=200, title=_title(title, subtitle))

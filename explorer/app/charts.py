@@ -108,7 +108,7 @@ def per_class_chart(comparison, height: int = 280) -> alt.Chart:
     ], ignore_index=True)
     lo = max(0.0, float(np.floor(long["accuracy"].min() / 10) * 10) - 10)
     return alt.Chart(long, height=height).mark_bar().encode(
-        x=alt.X("class:N", sort=list(df["class"]), title=None, axis=alt.Axis(labelAngle=-40)),
+        x=alt.X("class:N", sort=list(df["class"]), title=None, axis=alt.Axis(labelAngle=-40, labelOverlap=False)),
         xOffset=alt.XOffset("model:N", sort=["baseline", "pruned"]),
         y=alt.Y("accuracy:Q", title="accuracy (%)", scale=alt.Scale(domain=[lo, 100], clamp=True)),
         color=alt.Color("model:N", scale=alt.Scale(domain=["baseline", "pruned"], range=[BASELINE_COLOR, PRUNED_COLOR]),
@@ -124,7 +124,7 @@ def per_class_delta_chart(comparison, height: int = 280) -> alt.Chart:
     df = df.assign(delta_pp=100 * df["delta"], baseline_pct=100 * df["baseline"], pruned_pct=100 * df["pruned"],
                    sign=np.where(df["delta"] < 0, "worse", "better or equal"))
     return alt.Chart(df, height=height).mark_bar().encode(
-        y=alt.Y("class:N", sort=list(df["class"]), title=None),
+        y=alt.Y("class:N", sort=list(df["class"]), title=None, axis=alt.Axis(labelOverlap=False)),
         x=alt.X("delta_pp:Q", title="Δ accuracy (pp)"),
         color=alt.Color("sign:N", scale=alt.Scale(domain=["worse", "better or equal"], range=[PRUNED_COLOR, "#2e86ab"]),
                         legend=None),

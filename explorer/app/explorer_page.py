@@ -68,7 +68,8 @@ def layer_label(name: str) -> str:
 def slider_label(name: str, limit: int) -> str:
     """A k slider's label: the layer and its filter shape, and the largest k it can be clustered to
     when that is below its filter count (:func:`explorer.limits.layer_limits`)."""
-    return layer_label(name) + (f" · k ≤ {limit}" if limit < conv_layer(name).filters else "")
+    # non-breaking spaces: a label that wraps keeps "k ≤ 9" together
+    return layer_label(name) + (f" · k\u00a0≤\u00a0{limit}" if limit < conv_layer(name).filters else "")
 
 
 def slider_help(name: str, limit: int) -> str:

@@ -33,7 +33,7 @@ def section(model, config: ClusteringConfig) -> None:
     st.markdown("**Fine-tune this configuration**")
     st.caption("Trains the clustered net for a few epochs with its clusters tied (each centroid moves by the mean "
                "of its members' gradients), so it stays exactly as small. The result is a new checkpoint in the "
-               "picker and a compressed export (.pt, .json, .onnx) to download here. Runs `python -m "
+               "picker, with its compressed export (.pt, .json, .onnx) in the Downloads tab. Runs `python -m "
                "explorer.finetune` in the background; progress and ETA show in the sidebar.")
     flash = ss.pop(FLASH_KEY, None)
     if flash:
@@ -48,7 +48,8 @@ def section(model, config: ClusteringConfig) -> None:
     if problem:
         st.error(f"This configuration cannot be fine-tuned: {problem}", icon=":material/block:")
         return
-    st.caption(f"{len(config.active)} layers clustered (" + ", ".join(f"{n}: k = {k}" for n, k in config.active.items())
+    n = len(config.active)
+    st.caption(f"{n} layer{'s' if n > 1 else ''} clustered (" + ", ".join(f"{n}: k = {k}" for n, k in config.active.items())
                + f"); {config.metric}, {config.granularity}{', BN folded' if config.fold_bn else ''}, "
                f"space {config.space}, recovery {config.recovery}.")
     with st.form("finetune_form"):
