@@ -262,7 +262,8 @@ def layer_map(model, config, layer: str, train_images=None) -> LayerMap:
     comes from (the same images as :func:`explorer.clustering.prune`); the map still shows the
     filters' weights. Raises KeyError for an unknown layer, ClusteringError for an invalid k or a
     data space without training images."""
-    from .clustering import ClusteringError, _reference, cluster_model, layer_points
+    from . import clustering
+    from .clustering import ClusteringError, cluster_model, layer_points
     from .model import conv_layer
 
     info = conv_layer(layer)
@@ -276,7 +277,9 @@ def layer_map(model, config, layer: str, train_images=None) -> LayerMap:
         if config.space == "data":
             if train_images is None:
                 raise ClusteringError("space=data needs the training images for the layer's statistics")
-            ref = _reference(model, config, train_images)
+            # training_reference is the public name of clustering._reference (being renamed)
+            reference = getattr(clustering, "training_reference", None) or clustering._reference
+            ref = reference(model, config, train_images)
         lc = cluster_model(model, replace(config, ks={layer: k}, recalibrate_bn=0), ref).layers[layer]
         labels, centroids = lc.labels, lc.centroids
     space = clustering_space(pts, config.metric)
