@@ -587,7 +587,9 @@ def holdout_subset(train_images: torch.Tensor, train_labels: torch.Tensor) -> tu
     return train_images[idx], train_labels[idx]
 
 
-def _reference(model: nn.Module, config: ClusteringConfig, train_images: torch.Tensor):
+def training_reference(model: nn.Module, config: ClusteringConfig, train_images: torch.Tensor):
+    """The :func:`explorer.recovery.reference` of ``model`` on the calibration images that ``config``
+    fits on (its ``recalibrate_bn`` images for lsq, else 512), cached by content."""
     from . import recovery
 
     n = config.recalibrate_bn if config.recovery == "lsq" else DEFAULT_CALIBRATION["lsq"]
@@ -612,7 +614,7 @@ def prune(model: nn.Module, config: ClusteringConfig, train_images: torch.Tensor
         what = "recalibrate_bn" if config.recovery == "bn" and config.space == "weight" else \
             f"space={config.space}, recovery={config.recovery}"
         raise ClusteringError(f"{what} needs the training images")
-    ref = _reference(model, config, train_images) if config.space == "data" or config.recovery == "lsq" else None
+    ref = training_reference(model, config, train_images) if config.space == "data" or config.recovery == "lsq" else None
     clustering = cluster_model(model, config, ref)
     calib = calibration_subset(train_images, config.recalibrate_bn) if config.recovery == "bn" else None
     new = apply(model, clustering, calib)

@@ -302,6 +302,8 @@ def _refit_conv(name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, inp: torch.Tenso
     """Re-fit ``conv`` (and the shift of ``bn``) in place from the clustered net's input ``inp``
     (N, Cin, H, W) to the reference targets (minus ``offset`` (M, Cout), the shortcut)."""
     tie = _tying(name, conv, clustering)
+    # A pruned channel (BN scale and shift both zero: exactly 0 after its ReLU) stays pruned.
+    dead = (bn.weight == 0) & (bn.bias == 0)
     p = patches(inp, ref.positions, stride)
     t = ref.target - offset if offset is not None else ref.target
     a, _ = _bn_scale_shift(bn)
@@ -316,6 +318,9 @@ def _refit_conv(name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, inp: torch.Tenso
         bn.bias.copy_(beta)
     else:
         bn.bias.copy_(beta + a * bn.running_mean)
+    if bool(dead.any()):
+        conv.weight[dead] = 0.0
+        bn.bias[dead] = 0.0
 
 
 def _native_bf16() -> bool:
@@ -333,7 +338,7 @@ def first_clustered(clustering) -> int | None:
 
 @torch.no_grad()
 def lsq_recover(model: nn.Module, clustering, ref: Reference, refit_classifier: bool = True,
-                bf16: bool | None = None) -> nn.Module:
+                bf16: bool | None = None, start: int | None = None) -> nn.Module:
     """Least-squares recovery, in place, of a clustered ResNet20 (``clustering``'s centroid filters
     already written by :func:`explorer.clustering.apply`; ``ref`` from :func:`reference` on the
     original net).
@@ -346,6 +351,9 @@ def lsq_recover(model: nn.Module, clustering, ref: Reference, refit_classifier: 
     in bf16 where the CPU has native BF16 (``bf16=None``), the fits in float32/float64. Returns
     ``model`` (eval mode).
 
+    ``start``: re-fit from this registry index on instead of the first clustered layer (a pruned
+    net, :mod:`explorer.pruning`, has no clusters; its masked channels stay masked).
+
     Raises RecoveryError for kernel granularity (a kernel codebook ties parts of filters, which this
     closed form does not keep).
     """
@@ -353,7 +361,7 @@ def lsq_recover(model: nn.Module, clustering, ref: Reference, refit_classifier: 
 
     if clustering.config.granularity != "filter":
         raise RecoveryError("least-squares recovery needs granularity=filter; use recovery=bn for kernels")
-    start = first_clustered(clustering)
+    start = first_clustered(clustering) if start is None else start
     model = model.eval()
     if start is None:
         return model

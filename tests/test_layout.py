@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PKG = REPO / "explorer"
-COMMANDS = ("train", "prune", "bench", "sensitivity", "search", "finetune", "report")
+COMMANDS = ("train", "prune", "bench", "sensitivity", "search", "finetune", "report", "baselines")
 
 
 def _imports(path: Path) -> set[str]:

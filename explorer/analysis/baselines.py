@@ -1,0 +1,93 @@
+"""Clustering against plain pruning at the same MACs, before any fine-tuning
+(``python -m explorer.baselines``): the same layers (the blocks' first convs) reduced to the same
+k, the same recoveries (none, BN re-estimation, least squares), evaluated by the same engine on
+the same test split. Resumable: every measured row lands in ``checkpoints/<name>.baselines.json``.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .. import pruning
+from ..clustering import Clustering, ClusteringConfig, calibration_subset, recalibrate_bn, training_reference
+from ..compress import compress, count_macs
+from ..model import CONV_LAYER_NAMES
+from ..recovery import lsq_recover
+from .results import header, open_results, save_results
+
+SUFFIX = ".baselines.json"
+RECOVERIES = ("none", "bn", "lsq")
+CLUSTERING = {"clustering (weight space)": "weight", "clustering (data-aware)": "data"}
+
+
+def _row(method, recovery, ks, ev, macs, baseline_top1, baseline_macs, seconds) -> dict:
+    return {"method": method, "recovery": recovery, "ks": dict(ks), "top1": ev.top1,
+            "drop_pts": 100.0 * (baseline_top1 - ev.top1) + 0.0, "macs": int(macs),
+            "mac_reduction": 1 - macs / baseline_macs, "per_class": ev.per_class_dict(), "seconds": round(seconds, 2)}
+
+
+def pruned_net(explorer, ks: dict[str, int], criterion: str, recovery: str) -> tuple[torch.nn.Module, int]:
+    """(the masked pruned net after ``recovery``, MACs of its physically pruned form). Every fit
+    reads training images only (:func:`explorer.clustering.calibration_subset`)."""
+    data = explorer.data
+    masked, kept = pruning.prune(explorer.model, ks, criterion, data.train_images, data.train_labels)
+    macs = count_macs(pruning.pruned_structure(masked, kept))
+    net = copy.deepcopy(masked)
+    if recovery == "bn":
+        recalibrate_bn(net, calibration_subset(data.train_images, 2000))
+    elif recovery == "lsq":
+        cfg = ClusteringConfig(recovery="lsq")
+        ref = training_reference(explorer.model, cfg, data.train_images)
+        start = min(CONV_LAYER_NAMES.index(n) for n in ks)
+        lsq_recover(net, Clustering(cfg, {}), ref, start=start)
+    return net, macs
+
+
+def compare(explorer, path: str | Path, ks: dict[str, int], label: str, criteria=pruning.CRITERIA,
+            recoveries=RECOVERIES, progress: bool = True) -> dict:
+    """Measure (or resume) every method x recovery for the per-layer ``ks`` (blocks' first convs),
+    under ``label`` in the result file at ``path``; returns the document
+    ``{"header", "points": {label: {"ks", "rows": {method|recovery: row}}}}``. Clustering uses
+    ``fold_bn`` (so its clusters merge into the same smaller structure as pruning). Raises
+    ResultsMismatch for a file of other weights or data, PruningError for a bad layer."""
+    doc = open_results(path, header(explorer), restart=False)
+    point = doc.setdefault("points", {}).setdefault(label, {"ks": dict(ks), "rows": {}})
+    rows = point["rows"]
+    base, base_macs = explorer.baseline.top1, explorer.run(ClusteringConfig()).compression.baseline_macs
+    todo = [(m, r) for m in CLUSTERING for r in RECOVERIES if r in recoveries]
+    todo += [(f"pruning ({c})", r) for c in criteria for r in recoveries]
+    for method, rec in todo:
+        key = f"{method}|{rec}"
+        if key in rows:
+            continue
+        t = time.perf_counter()
+        if method in CLUSTERING:
+            cfg = ClusteringConfig(ks=ks, fold_bn=True, space=CLUSTERING[method], recovery=rec)
+            res = explorer.run(cfg)
+            ev, macs = res.evaluation, res.compression.macs
+        else:
+            net, macs = pruned_net(explorer, ks, method[len("pruning ("):-1], rec)
+            ev = explorer.engine.evaluate(compress(net))
+        rows[key] = _row(method, rec, ks, ev, macs, base, base_macs, time.perf_counter() - t)
+        save_results(doc, path)
+        if progress:
+            r = rows[key]
+            print(f"{label}: {method:28s} {rec:5s} top-1 {100 * r['top1']:6.2f}%  MACs -{100 * r['mac_reduction']:.1f}%",
+                  flush=True)
+    return doc
+
+
+def table(doc: dict):
+    """All rows as a pandas DataFrame: label, method, recovery, top1, drop_pts, macs, mac_reduction."""
+    import pandas as pd
+
+    out = []
+    for label, p in doc.get("points", {}).items():
+        for r in p["rows"].values():
+            out.append({"label": label, **{k: r[k] for k in ("method", "recovery", "top1", "drop_pts", "macs",
+                                                              "mac_reduction")}})
+    return pd.DataFrame(out)
