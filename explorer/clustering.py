@@ -608,6 +608,9 @@ def prune(model: nn.Module, config: ClusteringConfig, train_images: torch.Tensor
     configuration or missing training data.
     """
     config.validate()
+    from .limits import check  # one wording for "more clusters than distinct filters" everywhere
+
+    check(model, config)
     if config.seeds > 1:
         return _best_of_seeds(model, config, train_images, train_labels)
     if (config.space == "data" or config.recovery != "none") and train_images is None:

@@ -277,9 +277,7 @@ def layer_map(model, config, layer: str, train_images=None) -> LayerMap:
         if config.space == "data":
             if train_images is None:
                 raise ClusteringError("space=data needs the training images for the layer's statistics")
-            # training_reference is the public name of clustering._reference (being renamed)
-            reference = getattr(clustering, "training_reference", None) or clustering._reference
-            ref = reference(model, config, train_images)
+            ref = clustering.training_reference(model, config, train_images)
         lc = cluster_model(model, replace(config, ks={layer: k}, recalibrate_bn=0), ref).layers[layer]
         labels, centroids = lc.labels, lc.centroids
     space = clustering_space(pts, config.metric)

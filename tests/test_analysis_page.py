@@ -246,7 +246,9 @@ def test_apply_best_configuration_opens_the_explorer_on_it(env, tmp_path, monkey
     apply_buttons(at)[1].click().run()  # budget 1 pts
     no_exception(at)
     expected = ClusteringConfig(ks=BEST[1.0])
-    assert at.query_params == {"ckpt": NAME, **expected.to_query(), "proj": "pca"}  # no page: the explorer
+    # no page: the explorer, in its URL form (space and recovery named where they differ from the app's defaults)
+    assert at.query_params == state.view_query(state.ViewState(NAME, expected, proj="pca"))
+    assert at.query_params["space"] == "weight" and at.query_params["recovery"] == "none"
     assert at.segmented_control(key=state.NAV_KEY).value == "Explorer"
     sliders = {s.key: s.value for s in at.slider if s.key and s.key.startswith("k.")}
     assert sliders == {f"k.{l.name}": BEST[1.0].get(l.name, l.filters) for l in CONV_LAYERS}

@@ -193,12 +193,15 @@ def recovery_section(path: Path, checkpoint: Path | None) -> None:
     st.subheader("Without training: clustering space and recovery, side by side")
     if not path.is_file():
         return
-    df = _read_or_warn(path, lambda: read_result("sensitivity", path))
-    half = comparison.half_points(df) if df is not None else None
+    try:
+        df = read_result("sensitivity", path)
+    except READ_ERRORS:  # the sensitivity section above has said so already
+        return
+    half = comparison.half_points(df)
     if half is None or half.empty or half["variant"].nunique() < 2:
-        st.info("Measured for one variant only so far. The comparison is written by\n\n"
-                f"`{command('sensitivity', '--space data --recovery lsq --ks 8 16 32', checkpoint)}`\n\n"
-                "(one run per space and recovery).", icon=":material/info:")
+        st.caption("Measured for one space and recovery only so far; each other one is added by "
+                   f"`{command('sensitivity', '--space data --recovery lsq --ks 8 16 32', checkpoint)}` "
+                   "(with its own --space and --recovery).")
         return
     summ = comparison.summary(half)
     st.dataframe(summ, hide_index=True, width="stretch",
