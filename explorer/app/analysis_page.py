@@ -140,8 +140,12 @@ def sensitivity_section(path: Path, checkpoint: Path | None) -> None:
         metric = _choose("Metric", metrics, "analysis.metric",
                          help="k-means metric of the sweep; only metrics with measured points are offered")
     sub = df[df["metric"] == metric]
-    variants = sorted({(r.granularity, bool(r.fold_bn), int(r.recalibrate_bn), r.space, r.recovery)
-                       for r in sub.itertuples() if r.seed == 0})
+    counts: dict[tuple, int] = {}
+    for r in sub.itertuples():
+        if r.seed == 0:
+            v = (r.granularity, bool(r.fold_bn), int(r.recalibrate_bn), r.space, r.recovery)
+            counts[v] = counts.get(v, 0) + 1
+    variants = sorted(counts, key=lambda v: (-counts[v], v))  # the fullest sweep first
     if len(variants) > 1:
         labels = [_variant_label(*v) for v in variants]
         with c2:
