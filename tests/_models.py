@@ -27,3 +27,14 @@ def randomized_model(seed: int = 0) -> torch.nn.Module:
                 mod.running_var.mul_(0.8 + 0.45 * torch.rand(c, generator=g))
         m.fc.bias.copy_(0.1 * torch.randn(10, generator=g))
     return m.eval()
+
+
+def positive_bn_model(seed: int) -> torch.nn.Module:
+    """:func:`randomized_model` with every BatchNorm scale made positive, so that ``fold_bn``
+    clusters merge (merging needs A_i > 0)."""
+    m = randomized_model(seed)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.abs_()
+    return m

@@ -14,7 +14,7 @@ from explorer.data import synthetic_cifar10
 from explorer.evaluate import predict_logits
 from explorer.recovery import lsq_recover, reference
 
-from _models import randomized_model
+from _models import positive_bn_model
 
 torch.set_num_threads(1)
 KS = {"layer1.1.conv1": 5, "layer2.0.conv1": 12, "layer3.2.conv1": 40}
@@ -22,12 +22,7 @@ KS = {"layer1.1.conv1": 5, "layer2.0.conv1": 12, "layer3.2.conv1": 40}
 
 @pytest.fixture(scope="module")
 def model():
-    m = randomized_model(6)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.weight.abs_()  # positive BN scales, so that fold_bn clusters merge
-    return m
+    return positive_bn_model(6)
 
 
 @pytest.fixture(scope="module")

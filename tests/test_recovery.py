@@ -24,7 +24,7 @@ from explorer.compress import compress
 from explorer.data import normalize, synthetic_cifar10
 from explorer.evaluate import predict_logits
 
-from _models import randomized_model
+from _models import positive_bn_model, randomized_model
 
 torch.set_num_threads(1)
 
@@ -156,12 +156,7 @@ CONFIGS = {
 @pytest.fixture(scope="module")
 def positive_model():
     """Positive BN scales, so that fold_bn clusters merge (the random test model has negative ones)."""
-    m = randomized_model(4)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.weight.abs_()
-    return m
+    return positive_bn_model(4)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
