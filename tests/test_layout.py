@@ -38,10 +38,19 @@ def _modules():
 
 
 def _part(path: Path) -> str:
+    """core, training, analysis, app, cli, or entry (a top-level thin entry point of a command)."""
     rel = path.relative_to(PKG).parts
     if len(rel) == 1:
         return "entry" if path.stem in COMMANDS else "core"
     return rel[0]
+
+
+def test_every_command_has_its_entry_point():
+    for command in COMMANDS:
+        entry = PKG / f"{command}.py"
+        assert entry.is_file(), f"python -m explorer.{command} needs {entry.relative_to(REPO)}"
+        assert {n for n in _imports(entry) if n.startswith("explorer")} == {f"explorer.cli.{command}",
+                                                                             f"explorer.cli.{command}.main"}
 
 
 def test_layers_import_downwards_only():
