@@ -44,6 +44,7 @@ from torch import nn
 
 from .digest import digest
 from .lru import LRUCache
+from .urlquery import last_value
 from .model import CONV_LAYER_NAMES, conv_layer
 
 METRICS = ("euclidean", "cosine")
@@ -232,9 +233,7 @@ class ClusteringConfig:
         d = cls()
 
         def last(v) -> str:
-            if isinstance(v, (list, tuple)):
-                v = v[-1] if v else ""
-            return str(v)[:100]
+            return last_value(v, limit=100)
 
         def as_int(name, lo, hi, default):
             if name not in params:
