@@ -396,3 +396,21 @@ def test_finetune_with_distillation_stays_clustered_and_refuses_a_resume_with_an
     assert meta["status"] == "complete"
     for name, k in cfg.ks.items():
         assert distinct_filters(tuned.get_submodule(name).weight.detach()) == k
+
+
+def test_baselines_compare_same_macs_and_resume(explorer, tmp_path):
+    """Clustering and pruning of the same layers to the same k have the same MACs; every row is
+    stored as soon as it is measured, and a rerun measures nothing again."""
+    from explorer.analysis.baselines import compare, table
+
+    path = tmp_path / "rand.baselines.json"
+    ks = {"layer2.1.conv1": 12, "layer3.2.conv1": 24}
+    doc = compare(explorer, path, ks, "t", criteria=("l1", "random"), recoveries=("none", "lsq"), progress=False)
+    t = table(doc)
+    assert len(t) == 8 and set(t["recovery"]) == {"none", "lsq"}
+    assert t["macs"].nunique() == 1 and t["macs"].iloc[0] < explorer.run(ClusteringConfig()).compression.macs
+    first = {r["method"] + r["recovery"]: r["top1"] for r in t.to_dict("records")}
+    ex = Counting(explorer)
+    again = table(compare(ex, path, ks, "t", criteria=("l1", "random"), recoveries=("none", "lsq"), progress=False))
+    assert ex.calls == 1  # only the baseline's MACs lookup; no row measured twice
+    assert {r["method"] + r["recovery"]: r["top1"] for r in again.to_dict("records")} == first

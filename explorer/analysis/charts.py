@@ -193,3 +193,20 @@ def recovery_comparison_chart(half: pd.DataFrame, seed: int = 0,
         tooltip=["layer:N", "variant:N", alt.Tooltip("drop_pts:Q", title="pp lost", format=".2f"),
                  alt.Tooltip("top1:Q", title="top-1", format=".2%")],
     ).properties(width=620, height=300, title=_title(title, subtitle))
+
+
+def baselines_chart(df: pd.DataFrame, title: str = "Clustering vs pruning at the same MACs, before fine-tuning",
+                    subtitle: str | None = None) -> alt.Chart:
+    """Top-1 (x) per method (y) and recovery (colour), one panel per MACs point. ``df``:
+    :func:`.baselines.table` (columns label, method, recovery, top1, mac_reduction)."""
+    d = df.copy()
+    d["point"] = [f"{lab}: {100 * m:.1f}% fewer MACs" for lab, m in zip(d["label"], d["mac_reduction"])]
+    return alt.Chart(d).mark_bar().encode(
+        x=alt.X("top1:Q", title="top-1", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("method:N", title=None, sort=None),
+        yOffset=alt.YOffset("recovery:N", sort=["none", "bn", "lsq"]),
+        color=alt.Color("recovery:N", sort=["none", "bn", "lsq"], title="recovery"),
+        tooltip=["point:N", "method:N", "recovery:N", alt.Tooltip("top1:Q", format=".2%"),
+                 alt.Tooltip("drop_pts:Q", title="pp lost", format=".2f")],
+    ).properties(width=300, height=260).facet(column=alt.Column("point:N", title=None)).properties(
+        title=_title(title, subtitle))

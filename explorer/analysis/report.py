@@ -29,7 +29,7 @@ from .. import checkpoints as ckpt
 from ..clustering import ClusteringConfig
 from ..evaluate import per_class_table
 from ..training.finetune import finetuned_for
-from . import charts, comparison
+from . import baselines, charts, comparison
 from .results import Evaluations, header, open_results, save_results
 from .search import load_search, pareto_table
 from .sensitivity import load_sensitivity
@@ -321,6 +321,22 @@ def build_report(explorer, out: Path, sensitivity_path: Path | None, search_path
             ClusteringConfig.from_dict(u["config"])), "top-1": pct(u["top1"]), "drop (pp)": drop(-u['drop_pts'] / 100),
                   "MACs saved": f"{100 * u['mac_reduction']:.1f}%", "params": f"{u['params']:,}"} for u in uni])
         numbers["best"] = best_rows
+
+    # 4b. clustering vs pruning at the same MACs
+    base_dir = (sensitivity_path or search_path).parent if (sensitivity_path or search_path) else None
+    bpath = base_dir / f"{h['checkpoint']}{baselines.SUFFIX}" if base_dir is not None else None
+    if bpath is not None and bpath.is_file():
+        d.heading("Clustering vs pruning at the same MACs, before fine-tuning")
+        bt = baselines.table(ckpt.read_json(bpath))
+        d.para("The blocks' first convs reduced to the same k by clustering (BN folded, clusters merged) or by "
+               "pruning with Torch-Pruning's importance criteria (L1 norm, FPGM, first-order Taylor, random); "
+               "the same MACs, the same recoveries on the same training images. Top-1 on the test split.")
+        for label, g in bt.groupby("label", sort=False):
+            piv = (g.pivot_table(index="method", columns="recovery", values="top1", sort=False) * 100).round(2)
+            d.para(f"{label}: {100 * g['mac_reduction'].iloc[0]:.1f}% fewer MACs (top-1 %)")
+            d.table([{"method": m, **{c: f"{v:.2f}" for c, v in r.items()}} for m, r in piv.iterrows()])
+        d.chart("baselines", charts.baselines_chart(bt, subtitle=data_name))
+        numbers["baselines"] = bt.to_dict("records")
 
     # 5. fine-tuning
     d.heading("Fine-tuning recovery")

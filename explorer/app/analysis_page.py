@@ -25,7 +25,8 @@ import streamlit as st
 
 from .. import checkpoints as ckpt
 from ..analysis import charts as acharts
-from ..analysis import comparison
+from ..analysis import baselines, comparison
+from ..analysis.baselines import SUFFIX as BASELINES_SUFFIX
 from ..analysis.report import finetuned_points
 from ..analysis.report import ks_text as report_ks_text
 from ..analysis.report import options_label as report_options_label
@@ -222,6 +223,30 @@ def recovery_section(path: Path, checkpoint: Path | None) -> None:
                "the k-means seeds measured. Weight space: k-means on the filters; data-aware: k-means in the "
                "layer's output error. Least squares re-fits the layers after the clustered one to the original "
                "net's outputs on 512 training images; no gradient step anywhere.")
+
+
+def baselines_section(path: Path, checkpoint: Path | None) -> None:
+    """Clustering against Torch-Pruning criteria at the same MACs, before fine-tuning."""
+    st.subheader("Clustering vs pruning at the same MACs (before fine-tuning)")
+    if not path.is_file():
+        st.caption(f"Not measured for this checkpoint yet: "
+                   f"`{command('baselines', '--config checkpoints/resnet20_cifar10_p58.config.json --label p58', checkpoint)}`")
+        return
+    doc = _read_or_warn(path, lambda: read_result("json", path))
+    if doc is None:
+        return
+    t = baselines.table(doc)
+    if t.empty:
+        return
+    st.altair_chart(acharts.baselines_chart(t), width="content")
+    for label, g in t.groupby("label", sort=False):
+        piv = g.pivot_table(index="method", columns="recovery", values="top1", sort=False) * 100
+        st.markdown(f"**{label}**: {100 * g['mac_reduction'].iloc[0]:.1f}% fewer MACs, top-1 %")
+        st.dataframe(piv.reset_index(), hide_index=True, width="stretch",
+                     column_config={c: st.column_config.NumberColumn(format="%.2f") for c in piv.columns})
+    st.caption("The blocks' first convs reduced to the same k: by clustering (BN folded, clusters merged) or by "
+               "pruning with Torch-Pruning's importance (L1, FPGM, Taylor, random; the residual stream stays full "
+               "width for both). Same MACs, the same recoveries on the same training images, the same test split.")
 
 
 def best_configurations(doc: dict) -> list[dict]:
@@ -444,6 +469,8 @@ def render(ctx) -> None:
     sensitivity_section(sens_path, info.path)
     st.divider()
     recovery_section(sens_path, info.path)
+    st.divider()
+    baselines_section(ckpt_dir / f"{name}{BASELINES_SUFFIX}", info.path)
     st.divider()
     search_section(search_path, name, info.path, ft_metas, view)
     st.divider()
