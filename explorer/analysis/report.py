@@ -315,6 +315,13 @@ def build_report(explorer, out: Path, sensitivity_path: Path | None, search_path
         for b in best_rows:
             d.para(f"Budget {b['budget']:g} pp ({b['objective']}, {options_label(ClusteringConfig.from_dict(b['config']))}): "
                    f"ks {ks_text(b['config']['ks'])}")
+        for rk, r in sdoc.get("runs", {}).items():
+            sp = r.get("seed_spread")
+            if sp and r.get("best"):
+                d.para(f"Budget {r['budget']:g} pp ({options_label(ClusteringConfig.from_dict(r['best']['config']))}): "
+                       f"over {len(sp['seeds'])} k-means seeds the chosen ks give top-1 {pct(sp['min'])} to "
+                       f"{pct(sp['max'])} (median {pct(sp['median'])}); chosen on held-out training images, "
+                       f"measured on the test split.")
         uni = [sdoc["evaluations"][k] for k in sdoc.get("uniform", []) if k in sdoc["evaluations"]]
         d.para("Uniform k in every layer, same options, for comparison:")
         d.table([{"k": max(u["config"]["ks"].values()) if u["config"]["ks"] else "-", "options": options_label(
@@ -417,8 +424,14 @@ def options_label(cfg: ClusteringConfig, long: bool = False) -> str:
     parts = [cfg.metric]
     if cfg.fold_bn:
         parts.append("BN folded")
-    if cfg.recalibrate_bn:
+    if cfg.space == "data":
+        parts.append("data-aware space")
+    if cfg.recovery == "lsq":
+        parts.append(f"least squares ({cfg.recalibrate_bn:,} images)" if long else f"lsq {cfg.recalibrate_bn}")
+    elif cfg.recalibrate_bn:
         parts.append(f"BN re-estimated ({cfg.recalibrate_bn:,} images)" if long else f"BN re-est. {cfg.recalibrate_bn}")
+    if cfg.seeds > 1:
+        parts.append(f"best of {cfg.seeds} seeds")
     return ", ".join(parts)
 
 
