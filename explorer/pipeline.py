@@ -153,14 +153,24 @@ class Explorer:
             self._select_cache.put(key, hit)
         return hit, base
 
-    def seed_spread(self, config: ClusteringConfig, seeds: int = 5) -> dict:
+    def seed_spread(self, config: ClusteringConfig, seeds: int = 5, stop=None) -> dict:
         """Top-1 on the full test split of ``config`` clustered with k-means seeds 0..seeds-1 (each
         a single draw, ``seeds=1``): ``{"seeds": [...], "top1": [...], "min", "median", "max"}``
         (fractions). A measurement of how much the draw matters, not a choice: nothing is picked
-        by these test accuracies. Each run is cached like :meth:`run`."""
+        by these test accuracies. Each run is cached like :meth:`run`. ``stop()``, when given, is
+        asked before each seed; if it returns True the spread is abandoned (raises
+        :class:`SpreadAbandoned`)."""
         import statistics
         from dataclasses import replace
 
-        tops = [self.run(replace(config, seed=s, seeds=1)).evaluation.top1 for s in range(seeds)]
+        tops = []
+        for s in range(seeds):
+            if stop is not None and stop():
+                raise SpreadAbandoned(config.key())
+            tops.append(self.run(replace(config, seed=s, seeds=1)).evaluation.top1)
         return {"seeds": list(range(seeds)), "top1": tops, "min": min(tops),
                 "median": statistics.median(tops), "max": max(tops)}
+
+
+class SpreadAbandoned(RuntimeError):
+    """A seed spread stopped because a newer one was asked for."""

@@ -36,7 +36,9 @@ class PruningError(ValueError):
     """A layer that cannot be pruned here, or a bad k or criterion; the message says what to use."""
 
 
-def _check(ks: dict[str, int], criterion: str) -> None:
+def check(ks: dict[str, int], criterion: str) -> None:
+    """Raise PruningError unless every layer of ``ks`` is a block's first conv with k in
+    1..filters and ``criterion`` is one of :data:`CRITERIA`."""
     if criterion not in CRITERIA:
         raise PruningError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     for name, k in ks.items():
@@ -76,7 +78,7 @@ def channel_scores(model: nn.Module, ks: dict[str, int], criterion: str, train_i
     from .clustering import training_permutation
     from .data import normalize
 
-    _check(ks, criterion)
+    check(ks, criterion)
     work = _traceable(model)
     if criterion == "taylor":
         if train_images is None or train_labels is None:

@@ -34,9 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lru import LRUCache
-from .model import CONV_LAYERS, ConvLayer
+from .model import CONV_LAYERS
 
-DEFAULT_IMAGES = 512
 POSITIONS_PER_IMAGE = 32
 RIDGE = 1e-3  # relative to the mean diagonal of P^T P: keeps duplicated (merged) input columns solvable
 
@@ -50,10 +49,6 @@ class RecoveryError(ValueError):
 def _blocks(model: nn.Module):
     for stage in (model.layer1, model.layer2, model.layer3):
         yield from stage
-
-
-def _layer_info() -> dict[str, ConvLayer]:
-    return {c.name: c for c in CONV_LAYERS}
 
 
 def _sample_positions(n_images: int, size: int, per_image: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -88,10 +83,6 @@ def _at(y: torch.Tensor, pos: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Values of y (N, C, H, W) at positions pos -> (M, C)."""
     n, r, c = pos
     return y[n, :, r, c]
-
-
-def _shortcut(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return block.shortcut(x)
 
 
 def _conv(conv: nn.Conv2d, x: torch.Tensor, bf16: bool) -> torch.Tensor:
@@ -190,7 +181,7 @@ def reference(model: nn.Module, images: torch.Tensor, digest: str | None = None,
         z1 = block.bn1(block.conv1(h))
         tap(f"{prefix}.conv1", h, z1, block.stride)
         u = F.relu(z1)
-        out = block.bn2(block.conv2(u)) + _shortcut(block, h)
+        out = block.bn2(block.conv2(u)) + block.shortcut(h)
         tap(f"{prefix}.conv2", u, out, 1)
         h = F.relu(out)
     logits = model.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
@@ -385,7 +376,7 @@ def lsq_recover(model: nn.Module, clustering, ref: Reference, refit_classifier: 
         block, prefix = blocks[i], f"layer{i // 3 + 1}.{i % 3}"
         maybe_refit(f"{prefix}.conv1", block.conv1, block.bn1, h, block.stride)
         u = F.relu(block.bn1(_conv(block.conv1, h, bf16)))
-        sc = _shortcut(block, h)
+        sc = block.shortcut(h)
         maybe_refit(f"{prefix}.conv2", block.conv2, block.bn2, u, 1, _at(sc, ref.layers[f"{prefix}.conv2"].positions))
         h = F.relu(block.bn2(_conv(block.conv2, u, bf16)) + sc)
     if refit_classifier:
@@ -394,13 +385,3 @@ def lsq_recover(model: nn.Module, clustering, ref: Reference, refit_classifier: 
         model.fc.weight.copy_(wb[:-1].T.float())
         model.fc.bias.copy_(wb[-1].float())
     return model
-
-
-def split(n_images: int, calibration: int, holdout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Disjoint index sets into the training split: (calibration (calibration,), held-out (holdout,)),
-    drawn by a fixed seed. The calibration images fit statistics and re-fits; the held-out ones
-    only choose among k-means seeds."""
-    if calibration + holdout > n_images:
-        raise RecoveryError(f"{calibration} + {holdout} images asked for, the training split has {n_images}")
-    perm = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed))
-    return perm[:calibration], perm[calibration : calibration + holdout]

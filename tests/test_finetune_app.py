@@ -23,7 +23,7 @@ from explorer.app import support as sup
 from explorer.clustering import ClusteringConfig
 from explorer.model import resnet20
 
-from test_user_failures import P58, REPO, make_app, no_exception, tiny_image_folder
+from test_user_failures import P58, REPO, make_app, no_exception, p58_tiny_env, tiny_image_folder
 
 TINY_RUN = ("--synthetic", "40", "--batch-size", "20", "--threads", "1", "--precision", "fp32", "--cutout", "0",
             "--rebase-images", "8")
@@ -132,21 +132,7 @@ def test_launch_finetune_detached_one_at_a_time(finetuned):
 @pytest.fixture
 def app_dirs(monkeypatch, tmp_path):
     """Tiny data; the p58 fine-tuned checkpoint in a checkpoint directory of its own; training allowed."""
-    src = REPO / "checkpoints"
-    if not (src / f"{P58}.pt").is_file():
-        pytest.skip(f"{P58}.pt missing")
-    d = tmp_path / "ckpts"
-    d.mkdir()
-    for suffix in (".pt", ".json"):
-        shutil.copy(src / f"{P58}{suffix}", d / f"{P58}{suffix}")
-    logs = tmp_path / "logs"
-    monkeypatch.setenv("EXPLORER_CHECKPOINTS", str(d))
-    monkeypatch.setenv("EXPLORER_DATA", str(tiny_image_folder(tmp_path / "tiny")))
-    monkeypatch.setenv("EXPLORER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("EXPLORER_LOG_DIR", str(logs))
-    monkeypatch.setenv("EXPLORER_ENGINE_PRECISION", "fp32")
-    monkeypatch.setenv("EXPLORER_ALLOW_TRAINING", "1")
-    return d, logs
+    return p58_tiny_env(monkeypatch, tmp_path, allow_training=True), tmp_path / "logs"
 
 
 Q = {"ckpt": P58, "proj": "pca", "space": "weight", "recovery": "none"}

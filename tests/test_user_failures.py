@@ -79,9 +79,10 @@ def test_limits_of_the_fine_tuned_checkpoint():
         cluster_model(model, ClusteringConfig(ks={"layer1.0.conv1": 10}))
 
 
-@pytest.fixture
-def tiny_app_env(monkeypatch, tmp_path):
-    """The app on a tiny image folder with the shipped p58 fine-tuned checkpoint as its only one."""
+def p58_tiny_env(monkeypatch, tmp_path, allow_training: bool = False) -> Path:
+    """The app's environment: a tiny image folder, the shipped p58 fine-tuned checkpoint as the
+    only one in its own checkpoint directory (returned), logs in ``tmp_path/logs``, exact fp32
+    engine; the training/fine-tuning switch on or off."""
     src = REPO / "checkpoints"
     if not (src / f"{P58}.pt").is_file():
         pytest.skip(f"{P58}.pt missing")
@@ -94,8 +95,17 @@ def tiny_app_env(monkeypatch, tmp_path):
     monkeypatch.setenv("EXPLORER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("EXPLORER_LOG_DIR", str(tmp_path / "logs"))
     monkeypatch.setenv("EXPLORER_ENGINE_PRECISION", "fp32")
-    monkeypatch.delenv("EXPLORER_ALLOW_TRAINING", raising=False)
+    if allow_training:
+        monkeypatch.setenv("EXPLORER_ALLOW_TRAINING", "1")
+    else:
+        monkeypatch.delenv("EXPLORER_ALLOW_TRAINING", raising=False)
     return d
+
+
+@pytest.fixture
+def tiny_app_env(monkeypatch, tmp_path):
+    """The app on a tiny image folder with the shipped p58 fine-tuned checkpoint as its only one."""
+    return p58_tiny_env(monkeypatch, tmp_path)
 
 
 def make_app(params: dict):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,12 +29,10 @@ def _row(method, recovery, ks, ev, macs, baseline_top1, baseline_macs, seconds) 
             "mac_reduction": 1 - macs / baseline_macs, "per_class": ev.per_class_dict(), "seconds": round(seconds, 2)}
 
 
-def pruned_net(explorer, ks: dict[str, int], criterion: str, recovery: str) -> tuple[torch.nn.Module, int]:
-    """(the masked pruned net after ``recovery``, MACs of its physically pruned form). Every fit
-    reads training images only (:func:`explorer.clustering.calibration_subset`)."""
+def recovered(explorer, masked: torch.nn.Module, ks: dict[str, int], recovery: str) -> torch.nn.Module:
+    """A copy of the masked pruned net after ``recovery`` ("none", "bn", "lsq"); every fit reads
+    training images only (:func:`explorer.clustering.calibration_subset`)."""
     data = explorer.data
-    masked, kept = pruning.prune(explorer.model, ks, criterion, data.train_images, data.train_labels)
-    macs = count_macs(pruning.pruned_structure(masked, kept))
     net = copy.deepcopy(masked)
     if recovery == "bn":
         recalibrate_bn(net, calibration_subset(data.train_images, 2000))
@@ -44,7 +41,7 @@ def pruned_net(explorer, ks: dict[str, int], criterion: str, recovery: str) -> t
         ref = training_reference(explorer.model, cfg, data.train_images)
         start = min(CONV_LAYER_NAMES.index(n) for n in ks)
         lsq_recover(net, Clustering(cfg, {}), ref, start=start)
-    return net, macs
+    return net
 
 
 def compare(explorer, path: str | Path, ks: dict[str, int], label: str, criteria=pruning.CRITERIA,
@@ -60,6 +57,7 @@ def compare(explorer, path: str | Path, ks: dict[str, int], label: str, criteria
     base, base_macs = explorer.baseline.top1, explorer.run(ClusteringConfig()).compression.baseline_macs
     todo = [(m, r) for m in CLUSTERING for r in RECOVERIES if r in recoveries]
     todo += [(f"pruning ({c})", r) for c in criteria for r in recoveries]
+    masked: dict[str, tuple] = {}
     for method, rec in todo:
         key = f"{method}|{rec}"
         if key in rows:
@@ -70,8 +68,13 @@ def compare(explorer, path: str | Path, ks: dict[str, int], label: str, criteria
             res = explorer.run(cfg)
             ev, macs = res.evaluation, res.compression.macs
         else:
-            net, macs = pruned_net(explorer, ks, method[len("pruning ("):-1], rec)
-            ev = explorer.engine.evaluate(compress(net))
+            criterion = method[len("pruning ("):-1]
+            if criterion not in masked:  # scored and masked once per criterion, for all recoveries
+                m, kept = pruning.prune(explorer.model, ks, criterion, explorer.data.train_images,
+                                        explorer.data.train_labels)
+                masked[criterion] = (m, count_macs(pruning.pruned_structure(m, kept)))
+            m, macs = masked[criterion]
+            ev = explorer.engine.evaluate(compress(recovered(explorer, m, ks, rec)))
         rows[key] = _row(method, rec, ks, ev, macs, base, base_macs, time.perf_counter() - t)
         save_results(doc, path)
         if progress:

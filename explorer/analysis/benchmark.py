@@ -210,7 +210,7 @@ def recovery_cost(checkpoint: str, data_root: str | None, changes: int = 20, see
     out = {"changes": changes, "statistics_s": stats_s, "threads": torch.get_num_threads()}
     for v in variants:
         out[v] = {"median_s": statistics.median(times[v]), "p90_s": _pct(times[v], 90),
-                  "mean_top1": statistics.mean(top1[v])}
+                  "mean_top1": statistics.mean(top1[v]), "top1": top1[v]}
         if v != "none":
             extra = [a - b for a, b in zip(times[v], times["none"])]
             out[v].update(extra_median_s=statistics.median(extra), extra_p90_s=_pct(extra, 90),

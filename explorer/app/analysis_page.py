@@ -214,9 +214,9 @@ def recovery_section(path: Path, checkpoint: Path | None) -> None:
                                 if c.endswith("(pp)")})
     st.altair_chart(acharts.recovery_comparison_chart(half), width="content")
     with st.expander("Per layer (points lost at half the filters, k-means seed 0)"):
-        st.dataframe(comparison.half_table(half).reset_index(), hide_index=True, width="stretch",
-                     column_config={c: st.column_config.NumberColumn(format="%.2f")
-                                    for c in comparison.half_table(half).columns})
+        table = comparison.half_table(half)
+        st.dataframe(table.reset_index(), hide_index=True, width="stretch",
+                     column_config={c: st.column_config.NumberColumn(format="%.2f") for c in table.columns})
     st.caption("Each layer alone clustered to half its filters (euclidean, no BN folding), all others untouched; "
                "drops on the full test split, the held-out drop on 2,000 training images the net was not "
                "fitted on by the recovery (what the search chooses with). The seed spread is max - min top-1 over "

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from ..clustering import ClusteringConfig
 from ..lru import LRUCache
+from ..pipeline import SpreadAbandoned
 
 DEFAULT_SEEDS = 5
 
@@ -22,25 +23,16 @@ _FUTURES = LRUCache(64)
 _LATEST: dict[int, str] = {}  # id(explorer) -> key of the latest request
 
 
-class Superseded(RuntimeError):
-    """The spread was abandoned for a newer configuration."""
-
-
 def _key(exp, config: ClusteringConfig, seeds: int) -> str:
     return f"{id(exp)}|{seeds}|{replace(config, seed=0, seeds=1).key()}"
 
 
 def _compute(exp, config: ClusteringConfig, seeds: int, key: str) -> dict:
-    tops = []
-    for s in range(seeds):
+    def superseded() -> bool:
         with _LOCK:
-            if _LATEST.get(id(exp)) != key:
-                raise Superseded(key)
-        tops.append(exp.run(replace(config, seed=s, seeds=1)).evaluation.top1)
-    import statistics
+            return _LATEST.get(id(exp)) != key
 
-    return {"seeds": list(range(seeds)), "top1": tops, "min": min(tops), "median": statistics.median(tops),
-            "max": max(tops)}
+    return exp.seed_spread(config, seeds, stop=superseded)
 
 
 def request(exp, config: ClusteringConfig, seeds: int = DEFAULT_SEEDS) -> Future:
@@ -50,7 +42,7 @@ def request(exp, config: ClusteringConfig, seeds: int = DEFAULT_SEEDS) -> Future
     with _LOCK:
         _LATEST[id(exp)] = key
         fut = _FUTURES.get(key)
-        if fut is not None and not (fut.done() and isinstance(fut.exception(), Superseded)):
+        if fut is not None and not (fut.done() and isinstance(fut.exception(), SpreadAbandoned)):
             return fut
         fut = _POOL.submit(_compute, exp, config, seeds, key)
         _FUTURES.put(key, fut)

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             raise ClusteringError(f"cannot read {args.config}: {e.strerror}") from None
         try:
-            pruning._check(ks, args.criteria[0])
+            pruning.check(ks, args.criteria[0])
         except pruning.PruningError as e:
             raise ClusteringError(str(e)) from None
         label = args.label or Path(args.config).name.split(".")[0]
