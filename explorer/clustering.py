@@ -26,6 +26,15 @@ Options:
   layer (He et al. 2017; :func:`explorer.recovery.lsq_recover`), on ``recalibrate_bn`` images.
 - ``seeds=S``: run k-means with seeds ``seed .. seed+S-1`` and keep the net with the best top-1 on
   held-out *training* images (never the test split).
+- ``stream={stage: k}``: coupled clustering of a stage's residual-stream *channels* (issue 14).
+  Every conv that writes the stream of stage s (:func:`explorer.model.stream_writers`: the stem
+  and the blocks' second convs) shares ONE assignment of the stream's channels to k clusters, and
+  each writer's filters of a cluster are replaced by the mean of that writer's folded filters, so
+  every channel of a cluster carries identical values after BatchNorm and the residual add, and
+  :func:`explorer.compress.compress` narrows the stream itself to k channels. Needs ``fold_bn``,
+  filter granularity and the euclidean metric; a writer of a clustered stream cannot also have a
+  per-layer k. The option-A shortcut (He et al. 2016) constrains stages 2 and 3 (see
+  :func:`cluster_stream`), so there k must exceed the previous stage's cluster count.
 
 All training images used here come from one fixed permutation of the training split: statistics,
 re-fits and BN re-estimation use its first images, the seed choice its last 2,000.
@@ -45,7 +54,8 @@ from torch import nn
 from .digest import digest
 from .lru import LRUCache
 from .urlquery import last_value
-from .model import CONV_LAYER_NAMES, conv_layer
+from .model import (CONV_LAYER_NAMES, STREAM_STAGES, conv_layer, shortcut_source, stream_stage_of, stream_width,
+                    stream_writers)
 
 METRICS = ("euclidean", "cosine")
 GRANULARITIES = ("filter", "kernel")
@@ -72,7 +82,9 @@ class ClusteringConfig:
     filters; space: "weight" | "data" (output-error metric); recovery: "none" | "bn" | "lsq";
     recalibrate_bn: training images used by the recovery (0 with recovery "none"; a legacy
     ``recalibrate_bn=N`` without a recovery means "bn"); seed, n_init: k-means; seeds: best of that
-    many k-means seeds by held-out training accuracy.
+    many k-means seeds by held-out training accuracy; stream: stage (1..3) -> k, the coupled
+    clustering of that stage's residual-stream channels (a stage that is absent, or whose k equals
+    its width, is left as is).
     """
 
     ks: Mapping[str, int] = field(default_factory=dict)
@@ -85,9 +97,11 @@ class ClusteringConfig:
     space: str = "weight"
     recovery: str = "none"
     seeds: int = 1
+    stream: Mapping[int, int] = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "ks", dict(sorted(self.ks.items(), key=lambda kv: _layer_order(kv[0]))))
+        object.__setattr__(self, "stream", dict(sorted(self.stream.items(), key=lambda kv: repr(kv[0]))))
         # One meaning per pair: recalibration images imply a recovery, a recovery has images.
         if self.recovery == "none" and isinstance(self.recalibrate_bn, int) and self.recalibrate_bn > 0:
             object.__setattr__(self, "recovery", "bn")
@@ -130,7 +144,63 @@ class ClusteringConfig:
             raise ClusteringError(f"seeds must be in 1..{MAX_SEEDS}, got {self.seeds!r}")
         if not 0 <= self.seed + self.seeds - 1 <= MAX_SEED:
             raise ClusteringError(f"seed + seeds - 1 must be at most {MAX_SEED}")
+        self._validate_stream()
         return self
+
+    def _validate_stream(self) -> None:
+        for stage, k in self.stream.items():
+            if isinstance(stage, bool) or stage not in STREAM_STAGES:
+                raise ClusteringError(f"unknown residual-stream stage {stage!r}; valid stages: 1, 2, 3")
+            w = stream_width(stage)
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+                raise ClusteringError(f"stream stage {stage}: k must be an integer, got {k!r}")
+            if not 1 <= k <= w:
+                raise ClusteringError(f"stream stage {stage}: k = {k} is outside 1..{w} (its {w} channels)")
+        active = self.active_stream
+        if not active:
+            return
+        stages = ", ".join(f"stage {s}" for s in active)
+        if not self.fold_bn:
+            raise ClusteringError(f"stream clustering ({stages}) needs fold_bn: stream channels are merged only when "
+                                  "they are identical after BatchNorm and the residual add; add fold_bn")
+        if self.granularity != "filter":
+            raise ClusteringError(f"stream clustering ({stages}) needs granularity=filter")
+        if self.metric != "euclidean":
+            raise ClusteringError(f"stream clustering ({stages}) needs metric=euclidean: the cosine metric keeps each "
+                                  "filter's norm, so the channels of a cluster would differ")
+        for stage in active:
+            lo = stream_min_k(stage, self.stream)
+            if self.stream[stage] < lo:
+                prev = f"{lo - 1} clusters" if stage - 1 in active else f"{lo - 1} (unclustered) channels"
+                raise ClusteringError(
+                    f"stream stage {stage}: k = {self.stream[stage]} is below {lo}; the option-A shortcut copies the "
+                    f"{prev} of stage {stage - 1} into it and zero-pads the rest, which can share a cluster only with "
+                    f"each other, so choose k in {lo}..{stream_width(stage)}")
+            both = [n for n in stream_writers(stage) if n in self.active]
+            if both:
+                raise ClusteringError(
+                    f"{', '.join(both)} write{'s' if len(both) == 1 else ''} the stage-{stage} residual stream, which "
+                    f"stream k = {self.stream[stage]} clusters; remove the per-layer k of "
+                    f"{'that layer' if len(both) == 1 else 'those layers'} or the stream k")
+
+    @property
+    def active_stream(self) -> dict[int, int]:
+        """Stages whose residual stream is clustered (k below its width), in forward order."""
+        return {s: k for s, k in sorted(self.stream.items()) if s in STREAM_STAGES and k < stream_width(s)}
+
+    @property
+    def clustered(self) -> bool:
+        """Whether anything is clustered: a layer (:attr:`active`) or a residual stream."""
+        return bool(self.active or self.active_stream)
+
+    def with_stream(self, stage: int, k: int) -> "ClusteringConfig":
+        """A copy with stage ``stage``'s stream at ``k`` (k = its width removes the entry)."""
+        stream = dict(self.stream)
+        if k >= stream_width(stage):
+            stream.pop(stage, None)
+        else:
+            stream[stage] = int(k)
+        return replace(self, stream=stream)
 
     @property
     def active(self) -> dict[str, int]:
@@ -165,6 +235,8 @@ class ClusteringConfig:
             d["recovery"] = self.recovery
         if self.seeds != 1:
             d["seeds"] = self.seeds
+        if self.active_stream:
+            d["stream"] = {str(s): k for s, k in self.active_stream.items()}
         return d
 
     def to_json(self) -> str:
@@ -195,6 +267,18 @@ class ClusteringConfig:
                 raise ClusteringError(f"{name} must be an integer")
         if "fold_bn" in opts and not isinstance(opts["fold_bn"], bool):
             raise ClusteringError("fold_bn must be true or false")
+        if "stream" in opts:
+            raw = opts["stream"]
+            if not isinstance(raw, Mapping):
+                raise ClusteringError('stream must map stages to integers, e.g. {"1": 8}')
+            stream = {}
+            for s, k in raw.items():
+                try:
+                    stage = int(s)
+                except (TypeError, ValueError):
+                    raise ClusteringError(f"unknown residual-stream stage {s!r}; valid stages: 1, 2, 3") from None
+                stream[stage] = k
+            opts["stream"] = stream
         return cls(ks=dict(ks), **opts).validate()
 
     @classmethod
@@ -221,6 +305,8 @@ class ClusteringConfig:
             q["fold_bn"] = "1"
         for n, k in self.active.items():
             q[f"k.{n}"] = str(k)
+        for s, k in self.active_stream.items():
+            q[f"{STREAM_KEY}{s}"] = str(k)
         return q
 
     @classmethod
@@ -285,12 +371,60 @@ class ClusteringConfig:
             k = as_int(key, 1, n, n)
             if k < n:
                 ks[name] = k
+        stream: dict[int, int] = {}
+        for key in params:
+            if isinstance(key, str) and key.startswith(STREAM_KEY) and key[len(STREAM_KEY):] not in ("1", "2", "3"):
+                warns.append(f"unknown residual-stream stage {key[:40]!r} in the URL (stages: s.1, s.2, s.3); ignored")
+        for stage in STREAM_STAGES:  # in order: a stage's lower bound depends on the one before
+            key, w = f"{STREAM_KEY}{stage}", stream_width(stage)
+            if key not in params:
+                continue
+            k = as_int(key, 1, w, w)
+            lo = stream_min_k(stage, stream)
+            if k < lo:
+                warns.append(f"{key}={k} is below {lo} (the option-A shortcut of stage {stage}); using {lo}")
+                k = lo
+            if k < w:
+                stream[stage] = k
+        if stream:
+            if granularity != "filter":
+                warns.append("stream clustering needs granularity=filter; the s.<stage> values are ignored")
+                stream = {}
+            else:
+                if metric != "euclidean":
+                    warns.append("stream clustering needs metric=euclidean; using metric=euclidean")
+                    metric = "euclidean"
+                if not fold:
+                    warns.append("stream clustering needs fold_bn; using fold_bn=1")
+                    fold = True
+                for stage in stream:
+                    for name in stream_writers(stage):
+                        if name in ks:
+                            warns.append(f"k.{name} is ignored: it writes the stage-{stage} residual stream, which "
+                                         f"s.{stage} clusters")
+                            del ks[name]
         cfg = cls(ks=ks, metric=metric, granularity=granularity, fold_bn=fold, recalibrate_bn=recal,
-                  seed=seed, n_init=n_init, space=space, recovery=recovery, seeds=seeds)
+                  seed=seed, n_init=n_init, space=space, recovery=recovery, seeds=seeds, stream=stream)
         return cfg, warns
 
 
-OPTION_FIELDS = ("metric", "granularity", "fold_bn", "recalibrate_bn", "seed", "n_init", "space", "recovery", "seeds")
+STREAM_KEY = "s."  # URL parameter prefix of a stage's stream k: s.1, s.2, s.3
+
+
+def stream_min_k(stage: int, stream: Mapping[int, int]) -> int:
+    """Smallest k that stage ``stage``'s stream can be clustered to, given the stream ks of the stages
+    before it: 1 for stage 1; for stages 2 and 3, one more than the previous stage's cluster count
+    (its width when it is not clustered), because the option-A shortcut copies every cluster of the
+    previous stage into its own group of channels and the zero-padded channels form another."""
+    if stage == 1:
+        return 1
+    prev = stream.get(stage - 1, stream_width(stage - 1))
+    prev = prev if isinstance(prev, (int, np.integer)) and 1 <= prev < stream_width(stage - 1) else stream_width(stage - 1)
+    return int(prev) + 1
+
+
+OPTION_FIELDS = ("metric", "granularity", "fold_bn", "recalibrate_bn", "seed", "n_init", "space", "recovery", "seeds",
+                 "stream")
 
 
 def _layer_order(name: str) -> int:
@@ -333,6 +467,28 @@ class Clustering:
     layers: dict[str, LayerClustering]
     chosen_seed: int | None = None  # with seeds > 1: the k-means seed whose net was kept
     holdout_top1: dict[int, float] | None = None  # with seeds > 1: held-out training top-1 per seed
+    stream: dict[int, "StreamClustering"] = field(default_factory=dict)  # clustered residual streams by stage
+
+
+@dataclass(frozen=True)
+class StreamClustering:
+    """The coupled clustering of one stage's residual-stream channels (:func:`cluster_stream`).
+
+    stage: 1..3; k: clusters; labels: (W,) int64 cluster of each stream channel (W = 16, 32, 64);
+    groups: (W,) int64 the shortcut group of each channel: -1 for the channels the option-A shortcut
+    zero-pads, else the previous stage's cluster (its channel when that stage is not clustered)
+    that the shortcut copies in; all 0 for stage 1. A cluster never spans two groups.
+    inertia: within-cluster sum of squared distances over all writers, in the space clustered.
+    writers: the convs that write the stream (:func:`explorer.model.stream_writers`); each has its
+    :class:`LayerClustering` with these labels in :attr:`Clustering.layers`.
+    """
+
+    stage: int
+    k: int
+    labels: np.ndarray
+    groups: np.ndarray
+    inertia: float
+    writers: tuple[str, ...]
 
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -491,7 +647,145 @@ def cluster_model(model: nn.Module, config: ClusteringConfig, reference=None) ->
             res = cluster_layer(name, conv.weight, bn, k, config, sigma)
             _CACHE.put(key, res)
         layers[name] = res
-    return Clustering(config, layers)
+    stream: dict[int, StreamClustering] = {}
+    for stage, k in config.active_stream.items():
+        prev = stream.get(stage - 1)
+        source = prev.labels if prev is not None else (np.arange(stream_width(stage - 1)) if stage > 1 else None)
+        key = ("stream", stage, k, digest(*[t for n in stream_writers(stage) for t in _conv_bn_tensors(modules, n)]),
+               None if source is None else source.tobytes(), config.seed, config.n_init, config.space,
+               reference.key if config.space == "data" else None)
+        hit = _CACHE.get(key)
+        if hit is None:
+            sigmas = [reference.sigma(n, True) for n in stream_writers(stage)] if config.space == "data" else None
+            hit = cluster_stream(model, stage, k, config, source, sigmas)
+            _CACHE.put(key, hit)
+        stream[stage], writer_layers = hit
+        layers.update(writer_layers)
+    layers = dict(sorted(layers.items(), key=lambda kv: _layer_order(kv[0])))
+    return Clustering(config, layers, stream=stream)
+
+
+def _conv_bn_tensors(modules, name):
+    conv, bn = modules[name], modules[conv_layer(name).bn]
+    return conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+
+def stream_groups(stage: int, source_labels: np.ndarray | None) -> np.ndarray:
+    """(W,) int64 shortcut group of each channel of stage ``stage``'s stream (see
+    :class:`StreamClustering`): all 0 for stage 1; for stages 2 and 3 -1 on the zero-padded channels
+    and ``source_labels[c]`` on a channel the option-A shortcut copies from channel c of the
+    previous stage (``source_labels``: that stage's (W_prev,) cluster labels, or None for an
+    unclustered previous stage, whose every channel is its own group)."""
+    if stage == 1:
+        return np.zeros(stream_width(1), dtype=np.int64)
+    src = shortcut_source(stage).numpy()
+    source = np.arange(stream_width(stage - 1)) if source_labels is None else np.asarray(source_labels)
+    return np.where(src >= 0, source[np.maximum(src, 0)], -1).astype(np.int64)
+
+
+def stream_points(model: nn.Module, stage: int) -> list[np.ndarray]:
+    """Each writer's BN-folded [filter, bias] points of stage ``stage``'s stream, float64 (W, D_w + 1),
+    in :func:`explorer.model.stream_writers` order (:func:`layer_points` with ``fold_bn``)."""
+    modules = dict(model.named_modules())
+    return [layer_points(modules[n].weight, modules[conv_layer(n).bn], "filter", True) for n in stream_writers(stage)]
+
+
+def grouped_kmeans(points: np.ndarray, groups: np.ndarray, k: int, seed: int = 0, n_init: int = 3
+                   ) -> tuple[np.ndarray, float]:
+    """k-means of points (P, D) into k clusters, none of which spans two ``groups`` (P,): returns
+    labels (P,) in 0..k-1 (the groups' clusters in order of their sorted group ids) and inertia.
+
+    Each group gets one cluster, then clusters are handed out one at a time to the group whose
+    k-means (scikit-learn, :func:`kmeans`) inertia falls most with one more (greedy; about k
+    k-means runs on the small groups). Raises ClusteringError when k is below the number of groups
+    or above the number of distinct points counted per group."""
+    ids = np.unique(groups)
+    members = [np.flatnonzero(groups == g) for g in ids]
+    if k < len(ids):
+        raise ClusteringError(f"k = {k} is below the {len(ids)} groups the shortcut imposes; choose k >= {len(ids)}")
+    caps = [len(np.unique(points[m], axis=0)) for m in members]
+    if sum(caps) < k:
+        raise ClusteringError(f"only {sum(caps)} distinct channels for k = {k}; choose k <= {sum(caps)}")
+
+    def run(i, kk):
+        pts = points[members[i]]
+        if kk == 1:
+            return np.zeros(len(pts), dtype=np.int64), float(((pts - pts.mean(0)) ** 2).sum())
+        labels, _, inertia = kmeans(pts, kk, seed, n_init)
+        return labels, inertia
+
+    alloc = [1] * len(ids)
+    cur = [run(i, 1) for i in range(len(ids))]
+    nxt = [run(i, 2) if caps[i] >= 2 else None for i in range(len(ids))]
+    while sum(alloc) < k:
+        gain, i = max((cur[i][1] - nxt[i][1], -i) for i in range(len(ids)) if nxt[i] is not None)
+        i = -i
+        alloc[i] += 1
+        cur[i] = nxt[i]
+        nxt[i] = run(i, alloc[i] + 1) if alloc[i] < caps[i] else None
+    labels = np.empty(len(points), dtype=np.int64)
+    offset = 0
+    for i, m in enumerate(members):
+        labels[m] = cur[i][0] + offset
+        offset += alloc[i]
+    return labels, float(sum(c[1] for c in cur))
+
+
+def cluster_stream(model: nn.Module, stage: int, k: int, config: ClusteringConfig,
+                   source_labels: np.ndarray | None = None, sigmas: list[np.ndarray] | None = None
+                   ) -> tuple[StreamClustering, dict[str, LayerClustering]]:
+    """Coupled clustering of stage ``stage``'s residual-stream channels into k clusters.
+
+    A channel's point is the concatenation, over every writer of the stream
+    (:func:`explorer.model.stream_writers`), of its BN-folded [filter, bias] (D_w + 1 values per
+    writer; in the data space, ``config.space == "data"``, each writer's part mapped by its own
+    whitening ``L_w`` of ``sigmas``, the (D_w + 1, D_w + 1) second moments of its input patches, so
+    that a squared distance is the summed output error of all writers). k-means runs under the
+    option-A shortcut's constraint (He et al. 2016; it is why Torch-Pruning cannot trace this
+    architecture, VainF/Torch-Pruning#64): in stages 2 and 3 a cluster holds only channels of one
+    :func:`stream_groups` group, i.e. channels fed by the shortcut from channels of one cluster of
+    the previous stage (``source_labels``, (W_prev,); None: that stage is unclustered), or only
+    zero-padded channels (:func:`grouped_kmeans`). Each writer's filters in a cluster are then
+    replaced by the mean of that writer's members (so the channels of a cluster are identical after
+    the folded BatchNorm, the residual add and the ReLU; Ding et al. 2019, C-SGD, tie the
+    "pacesetter" layers' channels in the same way during training).
+
+    Returns (StreamClustering, {writer: LayerClustering}); each LayerClustering has the shared
+    labels, the folded weight (W, Cin, 3, 3) and bias (W,) and scales 1. Raises ClusteringError for
+    k out of range, too few distinct channels, or missing or mis-shaped ``sigmas`` in the data space.
+    """
+    from .recovery import whitening
+
+    w = stream_width(stage)
+    if not 1 <= k <= w:
+        raise ClusteringError(f"stream stage {stage}: k = {k} is outside 1..{w}")
+    writers = stream_writers(stage)
+    pts = stream_points(model, stage)
+    if config.space == "data":
+        if sigmas is None or len(sigmas) != len(writers) or any(
+                sg.shape != (p.shape[1], p.shape[1]) for sg, p in zip(sigmas, pts)):
+            raise ClusteringError(f"stream stage {stage}: space=data needs the second moments of the input patches "
+                                  f"of {', '.join(writers)} (with the bias column)")
+        spaces = [p @ whitening(sg) for p, sg in zip(pts, sigmas)]
+    else:
+        spaces = pts
+    groups = stream_groups(stage, source_labels)
+    try:
+        labels, inertia = grouped_kmeans(np.concatenate(spaces, 1), groups, k, config.seed, config.n_init)
+    except ClusteringError as e:
+        raise ClusteringError(f"stream stage {stage}: {e}") from None
+    onehot = np.zeros((w, k))
+    onehot[np.arange(w), labels] = 1.0
+    counts = onehot.sum(0)[:, None]
+    modules = dict(model.named_modules())
+    out = {}
+    for name, p, z in zip(writers, pts, spaces):
+        means = (onehot.T @ p) / counts  # the members' mean of THIS writer's folded filters, in weight space
+        zmeans = (onehot.T @ z) / counts
+        layer_inertia = float(((z - zmeans[labels]) ** 2).sum())
+        out[name] = _layer_result(name, k, modules[name].weight, config, labels, zmeans, layer_inertia, z,
+                                  means[labels], np.ones(w))
+    return StreamClustering(stage, k, labels, groups, inertia, writers), out
 
 
 def apply(model: nn.Module, clustering: Clustering, calibration_images: torch.Tensor | None = None) -> nn.Module:
@@ -642,4 +936,4 @@ def _best_of_seeds(model, config, train_images, train_labels) -> tuple[nn.Module
         if best is None or top1 > best[0]:
             best = (top1, m, cl)
     _, m, cl = best
-    return m, Clustering(config, cl.layers, chosen_seed=cl.config.seed, holdout_top1=scores)
+    return m, Clustering(config, cl.layers, chosen_seed=cl.config.seed, holdout_top1=scores, stream=cl.stream)

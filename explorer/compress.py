@@ -11,8 +11,17 @@ channels are identical after ReLU up to a positive factor (``fold_bn``: shared f
 bias, A_i > 0 and equal B_i / A_i in a cluster), they are merged: the first conv outputs k channels
 and the second conv sums its matching input channels, scaled by A_i, so both convs shrink
 (relu(A z + B) = A relu(z + B/A) for A > 0). The stem and each block's second conv write the
-residual stream, which the option-A shortcut ties to its full width, so those always gather back to
-Cout channels. Kernel granularity yields no structural savings and is kept dense.
+residual stream, which the option-A shortcut ties to its full width, so a per-layer k there gathers
+back to Cout channels. Kernel granularity yields no structural savings and is kept dense.
+
+With stream clustering (``ClusteringConfig.stream``, :func:`explorer.clustering.cluster_stream`)
+every writer of stage s's stream shares one assignment of its W channels to k_s clusters, and the
+channels of a cluster are identical after the residual add, so the stream itself narrows to k_s
+channels: the writers compute k_s filters (no gather), every reader (the blocks' first convs and
+the classifier) sums its input weights over the members of each stream cluster, and the option-A
+shortcut into stages 2 and 3 becomes an index map between the clustered streams (a zero where the
+original pads): ``shortcut(x)[:, j] = x[:, ::2, ::2][:, index_j]`` or 0. The shortcut constraint
+of the clustering makes that map well defined (every member of a cluster has the same source).
 
 MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (convs and the linear layer;
 MACs = FLOPs / 2; :func:`count_macs`, the project's only MAC counter); gathers and per-channel
@@ -35,7 +44,8 @@ from torch import nn
 
 from . import checkpoints as ckpt
 from .clustering import Clustering, bn_affine
-from .model import BLOCKS_PER_STAGE, CONV_LAYERS, STAGE_WIDTHS, ResNet20, count_parameters
+from .model import (BLOCKS_PER_STAGE, CONV_LAYERS, STAGE_WIDTHS, STREAM_STAGES, ResNet20, count_parameters,
+                    shortcut_source, stream_stage_of, stream_width)
 
 COMPRESSED_ARCH = "resnet20-clustered"
 
@@ -94,12 +104,20 @@ class CompressedConv(nn.Module):
 
 
 class CompressedBlock(nn.Module):
-    """BasicBlock over compressed convs, with the option-A shortcut of the original block."""
+    """BasicBlock over compressed convs, with the option-A shortcut of the original block.
+
+    When the block's input or output stream is clustered to fewer channels than ``in_planes`` /
+    ``planes`` (read from its specs: c1.in_channels, c2.out_channels), a downsampling shortcut
+    becomes an index map (buffer ``shortcut_index``, (c2.out_channels,) int64: the input stream
+    channel copied into each output channel, or c1.in_channels for a zero channel)."""
 
     def __init__(self, c1: ConvSpec, c2: ConvSpec, in_planes: int, planes: int, stride: int):
         super().__init__()
         self.conv1, self.conv2 = CompressedConv(c1), CompressedConv(c2)
         self.stride, self.pad = stride, planes - in_planes
+        self.mapped = bool(stride != 1 or self.pad) and (c1.in_channels, c2.out_channels) != (in_planes, planes)
+        if self.mapped:
+            self.register_buffer("shortcut_index", torch.full((c2.out_channels,), c1.in_channels, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In-place ReLU and residual add on tensors this block just made: an inference-only module,
@@ -112,7 +130,20 @@ class CompressedBlock(nn.Module):
         to ``planes`` channels."""
         if self.stride == 1 and not self.pad:
             return x
+        if self.mapped:
+            return self._mapped_shortcut(x)
         return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+    def _mapped_shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export() or getattr(_REFERENCE_GATHER, "on", False):
+            xs = x[:, :, :: self.stride, :: self.stride]
+            return torch.cat([xs, torch.zeros_like(xs[:, :1])], 1).index_select(1, self.shortcut_index)
+        # A strided 1x1 conv with 0/1 weights: the same values (products by 1, sums of zeros are
+        # exact) and much faster than index_select on channels_last memory (docs/engine.md).
+        k_in = x.shape[1]
+        w = torch.zeros(len(self.shortcut_index), k_in + 1, 1, 1, dtype=x.dtype, device=x.device)
+        w[torch.arange(len(w), device=w.device), self.shortcut_index, 0, 0] = 1
+        return F.conv2d(x, w[:, :k_in], stride=self.stride)
 
 
 class CompressedResNet20(nn.Module):
@@ -135,7 +166,7 @@ class CompressedResNet20(nn.Module):
                 blocks.append(CompressedBlock(specs[i], specs[i + 1], in_planes, planes, stride))
                 i, in_planes = i + 2, planes
             setattr(self, f"layer{stage}", nn.Sequential(*blocks))
-        self.fc = nn.Linear(in_planes, num_classes)
+        self.fc = nn.Linear(specs[-1].out_channels, num_classes)  # k_3 features with a clustered stage-3 stream
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv1(x), inplace=True)
@@ -190,12 +221,42 @@ def compress(model: ResNet20, clustering: Clustering | None = None) -> Compresse
     :func:`explorer.clustering.apply`, BN already re-estimated if asked) and its clustering.
 
     ``model`` is not mutated. Returns a CompressedResNet20 in eval mode whose logits equal
-    ``model``'s within float rounding (tests check 1e-4 on real test images).
+    ``model``'s within float rounding (tests check 1e-4 on real test images). With clustered
+    residual streams (``clustering.stream``) the stream of stage s has k_s channels (module doc).
+
+    Raises ValueError when the channels of a stream cluster are not identical in ``model`` (it was
+    changed after clustering without keeping the stream's ties).
     """
     model = model.eval()
     mods = dict(model.named_modules())
     specs: list[ConvSpec] = []
     weights: dict[str, dict[str, torch.Tensor]] = {}
+    streams = clustering.stream if clustering is not None else {}
+    # comp[s][i]: the compressed stream channel that carries original channel i of stage s
+    comp = {s: (torch.as_tensor(streams[s].labels, dtype=torch.long) if s in streams else torch.arange(stream_width(s)))
+            for s in STREAM_STAGES}
+    shortcut_maps: dict[str, torch.Tensor] = {}
+
+    def read_stream(w, stage):
+        """Input weights (Cout, W, ...) of a stream reader summed over each stream cluster's members."""
+        if stage not in streams:
+            return w
+        out = torch.zeros(w.shape[0], streams[stage].k, *w.shape[2:], dtype=w.dtype)
+        return out.index_add_(1, comp[stage], w)
+
+    def emit_stream(name, stride, w, stage):
+        """A writer of a clustered stream: k_s filters with the BatchNorm folded in, one per cluster."""
+        st, labels = streams[stage], comp[stage]
+        a, b = (t.float() for t in bn_affine(mods[next(c.bn for c in CONV_LAYERS if c.name == name)]))
+        rep = representatives(labels, torch.ones(len(labels)), st.k)
+        full_w = w * a.view(-1, 1, 1, 1)
+        ok = torch.allclose(full_w, full_w[rep][labels], rtol=1e-5, atol=1e-6) and torch.allclose(
+            b, b[rep][labels], rtol=1e-5, atol=1e-6)
+        if not ok:
+            raise ValueError(f"{name}: the channels of a stage-{stage} stream cluster differ after BatchNorm; the "
+                             "model was changed after clustering without keeping the stream's ties")
+        specs.append(ConvSpec(name, w.shape[1], st.k, st.k, stride, False))
+        weights[name] = {"conv.weight": full_w[rep], "conv.bias": b[rep]}
 
     def emit(name, stride, d, labels, a, b, merged=False):
         k, cout = d.shape[0], len(labels)
@@ -209,13 +270,17 @@ def compress(model: ResNet20, clustering: Clustering | None = None) -> Compresse
         else:  # one filter per channel: fold the affine into the conv
             weights[name] = {"conv.weight": d[labels] * a.view(-1, 1, 1, 1), "conv.bias": b}
 
-    d, labels, a, b = _conv_parts(model, clustering, "conv1")
-    emit("conv1", 1, d, labels, a, b)
+    if 1 in streams:
+        emit_stream("conv1", 1, model.conv1.weight.detach().float(), 1)
+    else:
+        emit("conv1", 1, *_conv_parts(model, clustering, "conv1"))
     for layer in CONV_LAYERS[1:]:
         if layer.residual:
             continue
         c1, c2 = layer.name, layer.name[:-1] + "2"
-        d1, l1, a1, b1 = _conv_parts(model, clustering, c1)
+        stage, first = layer.stage, layer.name.split(".")[1] == "0"
+        in_stage = stage - 1 if first and stage > 1 else stage
+        d1, l1, a1, b1 = _conv_parts(model, clustering, c1, w_in=read_stream(mods[c1].weight.detach().float(), in_stage))
         merged = clustering is not None and clustering.config.granularity == "filter" and _mergeable(l1, a1, b1)
         emit(c1, layer.stride, d1, l1, a1, b1, merged=merged)
         w2 = mods[c2].weight.detach().float()
@@ -224,15 +289,40 @@ def compress(model: ResNet20, clustering: Clustering | None = None) -> Compresse
             w2m = torch.zeros(w2.shape[0], k1, *w2.shape[2:])
             w2m.index_add_(1, l1, w2 * a1.view(1, -1, 1, 1))
             w2 = w2m
-        d2, l2, a2, b2 = _conv_parts(model, clustering, c2, w_in=w2)
-        emit(c2, 1, d2, l2, a2, b2)
+        if stage in streams:
+            emit_stream(c2, 1, w2, stage)
+        else:
+            emit(c2, 1, *_conv_parts(model, clustering, c2, w_in=w2))
+        if layer.stride != 1 and (stage in streams or stage - 1 in streams):
+            shortcut_maps[c1.rsplit(".", 1)[0]] = _shortcut_index(stage, comp[stage - 1], comp[stage])
 
     out = CompressedResNet20(specs)
     state = {f"{name}.{k}": v.clone() for name, tensors in weights.items() for k, v in tensors.items()}
-    state["fc.weight"] = model.fc.weight.detach().clone()
+    for block, index in shortcut_maps.items():
+        state[f"{block}.shortcut_index"] = index
+    state["fc.weight"] = read_stream(model.fc.weight.detach().float(), 3).clone()
     state["fc.bias"] = model.fc.bias.detach().clone()
     out.load_state_dict(state, strict=True)
     return out.eval()
+
+
+def _shortcut_index(stage: int, comp_in: torch.Tensor, comp_out: torch.Tensor) -> torch.Tensor:
+    """The option-A shortcut into stage ``stage`` between compressed streams: (k_out,) int64, the
+    input stream channel each output channel copies, or k_in where the original zero-pads.
+    comp_in (W_in,), comp_out (W_out,): compressed channel of each original channel. Raises
+    ValueError when the members of an output cluster have different sources (a clustering that
+    did not honour the shortcut)."""
+    src = shortcut_source(stage)
+    k_in, k_out = int(comp_in.max()) + 1, int(comp_out.max()) + 1
+    mapped = torch.where(src >= 0, comp_in[src.clamp_min(0)], torch.full_like(src, k_in))
+    index = torch.full((k_out,), -1, dtype=torch.long)
+    for i in range(len(src)):
+        j = int(comp_out[i])
+        if index[j] < 0:
+            index[j] = mapped[i]
+        elif index[j] != mapped[i]:
+            raise ValueError(f"stage {stage}: stream cluster {j} mixes channels with different shortcut sources")
+    return index
 
 
 # ---------------------------------------------------------------- save / load / ONNX

@@ -242,12 +242,17 @@ def stratified_subset(labels: torch.Tensor, per_class: int = 200, seed: int = 0)
     return torch.sort(torch.cat(idx)).values
 
 
-def _unit_shape(u: int, n: int) -> tuple[int, int, int, int]:
-    if u <= 3:
-        return (n, 16, 32, 32)
-    if u <= 6:
-        return (n, 32, 16, 16)
-    return (n, 64, 8, 8)
+def unit_widths(net: CompressedResNet20) -> tuple[int, ...]:
+    """Output channels of the 10 units: the residual stream's width after the stem and each block
+    (16 / 32 / 64, or k_s where the stage's stream is clustered)."""
+    return (net.specs[0].out_channels, *(s.out_channels for s in net.specs[2::2]))
+
+
+def _unit_shape(u: int, n: int, widths: tuple[int, ...] | None = None) -> tuple[int, int, int, int]:
+    """(n, C, H, W) of unit u's output; C from ``widths`` (:func:`unit_widths`), else the original's."""
+    size = 32 if u <= 3 else 16 if u <= 6 else 8
+    c = widths[u] if widths is not None else (16 if u <= 3 else 32 if u <= 6 else 64)
+    return (n, c, size, size)
 
 
 class _Prepared:
@@ -256,6 +261,7 @@ class _Prepared:
 
     def __init__(self, net: CompressedResNet20, bf16: bool):
         self.digests = unit_digests(net)
+        self.widths = unit_widths(net)
         self.fp32 = inference_form(net)
         self.bf16 = copy.deepcopy(self.fp32).to(torch.bfloat16) if bf16 else None
 
@@ -303,13 +309,13 @@ class FastEvaluator:
     def _rows(self, subset: str) -> torch.Tensor | None:
         return {"full": None, "preview": self.preview_index, "audit": self.audit_index}[subset]
 
-    def _plan(self, first: int, n: int, itemsize: int, cap: int, budget: int) -> list[int]:
+    def _plan(self, first: int, n: int, itemsize: int, cap: int, budget: int, widths=None) -> list[int]:
         """Cacheable units from ``first`` on whose outputs for n images (each at most ``cap`` bytes,
         together at most ``budget``) are to be kept, deepest first (fewest bytes per unit of compute
         saved); makes room for them in the cache."""
         chosen, total = [], 0
         for u in sorted((u for u in CACHED_UNITS if u >= first), reverse=True):
-            size = int(np.prod(_unit_shape(u, n))) * itemsize
+            size = int(np.prod(_unit_shape(u, n, widths))) * itemsize
             if size <= cap and total + size <= budget:
                 chosen.append(u)
                 total += size
@@ -360,7 +366,7 @@ class FastEvaluator:
         # Each output at most a third of the bound; room is made before computing, so the cache
         # plus the outputs being computed stay within the bound (evaluations run one at a time).
         bound = self.cache.max_bytes
-        keep = {u: [] for u in self._plan(start, n, 2 if bf16 else 4, bound // 3, bound)}
+        keep = {u: [] for u in self._plan(start, n, 2 if bf16 else 4, bound // 3, bound, prep.widths)}
         out = []
         run = _run_unit_fused if bf16 and _fused_available() else _run_unit
         for x in batches:
@@ -423,8 +429,9 @@ class FastEvaluator:
         # Outputs for all rows exist only for units from ``start`` on; kept within a twelfth of the
         # bound (the full-set bf16 outputs matter more), none when resuming from a full-set entry.
         twelfth = self.cache.max_bytes // 12
-        store = [] if from_full else self._plan(start, n, 4, twelfth, twelfth)
-        bufs = {u: torch.empty(_unit_shape(u, n)).contiguous(memory_format=torch.channels_last) for u in store}
+        store = [] if from_full else self._plan(start, n, 4, twelfth, twelfth, prep.widths)
+        bufs = {u: torch.empty(_unit_shape(u, n, prep.widths)).contiguous(memory_format=torch.channels_last)
+                for u in store}
         logits = torch.empty(n, net.fc.out_features)
         missing = torch.nonzero(~known).flatten()
         groups = [(torch.nonzero(known).flatten(), start, act),

@@ -13,16 +13,22 @@ The points are counted exactly as :func:`explorer.clustering.cluster_layer` clus
 length for the cosine metric. The data space (``space="data"``) maps the points by an invertible
 linear map, which keeps equal points equal and distinct points distinct, so its count is the
 weight space's.
+
+A clustered residual stream (``ClusteringConfig.stream``) is limited the same way by its distinct
+channels: a channel's point is the concatenation of every writer's folded [filter, bias]
+(:func:`explorer.clustering.stream_points`), so a fine-tuned stream-clustered checkpoint offers
+k = 1..its distinct channels (:func:`stream_limits`). Its lower bound, from the option-A shortcut,
+needs no model: :func:`explorer.clustering.stream_min_k`.
 """
 from __future__ import annotations
 
 import numpy as np
 from torch import nn
 
-from .clustering import ClusteringConfig, ClusteringError, layer_points
+from .clustering import ClusteringConfig, ClusteringError, layer_points, stream_points
 from .digest import digest
 from .lru import LRUCache
-from .model import CONV_LAYERS, conv_layer
+from .model import CONV_LAYERS, STREAM_STAGES, conv_layer, stream_width, stream_writers
 
 _COUNTS = LRUCache(1024)
 
@@ -53,6 +59,27 @@ def layer_limits(model: nn.Module, config: ClusteringConfig) -> dict[str, int]:
     return {l.name: min(l.filters, distinct_points(model, l.name, config)) for l in CONV_LAYERS}
 
 
+def distinct_stream_channels(model: nn.Module, stage: int) -> int:
+    """Number of distinct channels of stage ``stage``'s residual stream in ``model``: distinct rows of
+    the concatenated folded [filter, bias] points of all its writers, at most the stream's width.
+    Cached by the writers' weights."""
+    tensors = []
+    for name in stream_writers(stage):
+        conv, bn = model.get_submodule(name), model.get_submodule(conv_layer(name).bn)
+        tensors += [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    key = ("stream", stage, digest(*tensors))
+    n = _COUNTS.get(key)
+    if n is None:
+        n = int(len(np.unique(np.concatenate(stream_points(model, stage), 1), axis=0)))
+        _COUNTS.put(key, n)
+    return n
+
+
+def stream_limits(model: nn.Module) -> dict[int, int]:
+    """Every stage's largest stream k that can be clustered (1..3 -> at most its width)."""
+    return {s: min(stream_width(s), distinct_stream_channels(model, s)) for s in STREAM_STAGES}
+
+
 def problems(model: nn.Module, config: ClusteringConfig, layers=None) -> list[str]:
     """One phrase per clustered layer (of ``layers``, default all) whose k exceeds its distinct
     points, e.g. ``"layer1.0.conv1 holds 9 distinct filters (of 16), so k = 12 cannot be clustered;
@@ -68,6 +95,14 @@ def problems(model: nn.Module, config: ClusteringConfig, layers=None) -> list[st
             total = info.filters if config.granularity == "filter" else info.filters * info.filter_shape[0]
             out.append(f"{name} holds {n} distinct {what} (of {total}), so k = {k} cannot be clustered; "
                        f"choose k <= {n}, or {info.filters} to leave it unchanged")
+    for stage, k in config.active_stream.items():
+        if layers is not None and not set(stream_writers(stage)) & set(layers):
+            continue
+        n = distinct_stream_channels(model, stage)
+        if k > n:
+            w = stream_width(stage)
+            out.append(f"the stage-{stage} residual stream holds {n} distinct channels (of {w}), so stream k = {k} "
+                       f"cannot be clustered; choose k <= {n}, or {w} to leave it unchanged")
     return out
 
 

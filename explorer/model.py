@@ -157,6 +157,51 @@ def conv_layer(name: str) -> ConvLayer:
         raise KeyError(f"unknown conv layer {name!r}; valid names: {', '.join(CONV_LAYER_NAMES)}") from None
 
 
+# ---------------------------------------------------------------- the residual stream
+
+STREAM_STAGES: tuple[int, ...] = (1, 2, 3)
+
+
+def stream_width(stage: int) -> int:
+    """Channels of stage ``stage``'s residual stream (1..3): 16, 32, 64. Raises KeyError otherwise."""
+    if stage not in STREAM_STAGES:
+        raise KeyError(f"unknown stage {stage!r}; the residual stream has stages {STREAM_STAGES}")
+    return STAGE_WIDTHS[stage - 1]
+
+
+def stream_writers(stage: int) -> tuple[str, ...]:
+    """The convs whose (BatchNorm-ed) output is added into stage ``stage``'s residual stream, in
+    forward order: the stem ``conv1`` and ``layer1.{0,1,2}.conv2`` for stage 1, ``layer<s>.{0,1,2}.conv2``
+    for stages 2 and 3. In Ding et al. 2019 (C-SGD) these are the "pacesetter" layers whose channels
+    must be pruned together; Torch-Pruning calls such a set a dependency group."""
+    stream_width(stage)
+    head = ("conv1",) if stage == 1 else ()
+    return head + tuple(f"layer{stage}.{b}.conv2" for b in range(BLOCKS_PER_STAGE))
+
+
+def stream_stage_of(name: str) -> int | None:
+    """The stage whose residual stream conv ``name`` writes (1..3), or None for a block's first conv."""
+    layer = conv_layer(name)
+    if not layer.residual:
+        return None
+    return max(layer.stage, 1)
+
+
+def shortcut_source(stage: int) -> "torch.Tensor":
+    """The option-A shortcut into stage ``stage`` (He et al. 2016, section 4.2) as an index map:
+    (stream_width(stage),) int64, entry i the channel of stage ``stage - 1``'s stream that the
+    shortcut copies (spatially subsampled by 2) into channel i, or -1 for the zero-padded channels
+    (planes // 4 on each side). Stage 1 has no such map (its shortcuts are identities): raises
+    KeyError for stage 1."""
+    if stage not in STREAM_STAGES[1:]:
+        raise KeyError(f"only stages 2 and 3 have a downsampling shortcut, not {stage!r}")
+    planes, in_planes = stream_width(stage), stream_width(stage - 1)
+    half = (planes - in_planes) // 2
+    src = torch.full((planes,), -1, dtype=torch.long)
+    src[half:half + in_planes] = torch.arange(in_planes)
+    return src
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters of any module (ResNet20: 269,722; BatchNorm affines included, running
     statistics and other buffers excluded). The project's only parameter counter: the compressed

@@ -119,7 +119,7 @@ class Explorer:
         if hit is not None:
             return hit
         config.validate()
-        if not config.active and config.recovery != "bn":
+        if not config.clustered and config.recovery != "bn":
             # Nothing changes: the model is the base model, so its evaluation *is* the baseline
             # (exact, and no pass over the test split).
             model, clustering = self.model, Clustering(config, {})
@@ -149,7 +149,7 @@ class Explorer:
         hit = self._select_cache.get(key)
         if hit is None:
             config.validate()
-            hit = engine.evaluate(self._prune(config)[2]).top1 if config.active or config.recovery == "bn" else base
+            hit = engine.evaluate(self._prune(config)[2]).top1 if config.clustered or config.recovery == "bn" else base
             self._select_cache.put(key, hit)
         return hit, base
 

@@ -68,12 +68,29 @@ def add_clustering_args(p: argparse.ArgumentParser, *, metrics: tuple[str, ...] 
     p.add_argument("--n-init", type=int, default=d.n_init, help="k-means restarts")
     p.add_argument("--seeds", type=int, default=d.seeds, metavar="S",
                    help="try k-means seeds seed..seed+S-1 and keep the best on held-out training images")
+    p.add_argument("--stream-k", dest="stream", type=stream_k, action="append", default=None, metavar="STAGE=K",
+                   help="cluster residual stream STAGE (1-3) to K channels, shared by every conv that writes it "
+                        "(needs --fold-bn; stage 2 needs K > stage 1's k, stage 3 K > stage 2's; no per-layer k "
+                        "for those writers); repeat for several stages")
+
+
+def stream_k(text: str) -> tuple[int, int]:
+    """``--stream-k STAGE=K`` -> (stage, k). Raises argparse.ArgumentTypeError for another form."""
+    stage, sep, k = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(stage), int(k)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected STAGE=K with integers, e.g. 1=8, got {text!r}") from None
 
 
 def clustering_options(args: argparse.Namespace, **override) -> ClusteringConfig:
     """The ClusteringConfig (no ks) of the clustering flags in ``args`` (fields absent from
     ``args`` keep their defaults), with ``override`` applied; validated. Raises ClusteringError."""
     values = {f: getattr(args, f) for f in option_fields() if hasattr(args, f)}
+    if "stream" in values:  # --stream-k gives (stage, k) pairs, or None when not given
+        values["stream"] = dict(values["stream"] or ())
     return ClusteringConfig(**{**values, **override}).validate()
 
 
