@@ -443,3 +443,23 @@ def test_compressed_equals_clustered_on_real_test_images(real_data, shipped_mode
         assert ref.abs().max() > 1.0
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
         assert count_macs(small) < 40_551_040
+
+
+def test_search_and_sweep_refuse_a_stream_k(tmp_path):
+    from explorer.analysis.search import run_search
+    from explorer.analysis.sensitivity import sweep
+
+    with pytest.raises(ClusteringError, match="the search moves per-layer k only; it does not take a stream k"):
+        run_search(None, tmp_path / "x.search.json", [1.0], stream_config({1: 8}))
+    with pytest.raises(ClusteringError, match="the sensitivity sweep clusters one layer at a time"):
+        sweep(None, tmp_path / "x.sensitivity.json", None, [stream_config({1: 8})])
+
+
+def test_prune_cli_with_a_stream_k(tmp_path, capsys):
+    from explorer.cli.prune import config_from_args, build_parser
+
+    args = build_parser().parse_args(["--fold-bn", "--stream-k", "1=8", "--layer", "layer2.0.conv1=9"])
+    assert config_from_args(args) == stream_config({1: 8}, ks={"layer2.0.conv1": 9})
+    path = tmp_path / "c.json"
+    path.write_text(stream_config({2: 20}).to_json())
+    assert config_from_args(build_parser().parse_args(["--config", str(path)])).stream == {2: 20}

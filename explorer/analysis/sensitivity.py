@@ -103,6 +103,9 @@ def sweep(explorer, path: str | Path, layers: list[str] | None = None,
     options = options or [ClusteringConfig()]
     for o in options:
         o.validate()
+        if o.active_stream:
+            raise ClusteringError("the sensitivity sweep clusters one layer at a time; it does not take a stream k "
+                                  "(--stream-k) yet")
     todo = plan(layers, options, grid)
     # A fine-tuned checkpoint holds fewer distinct filters than its filter count in the layers it
     # was clustered in: a k between the two cannot be clustered, so such points are left out.

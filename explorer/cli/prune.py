@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(summary, indent=2))
             return 0
-        print(f"{explorer.name} on {explorer.data.identity.name}; {len(config.active)} layers clustered "
+        stream = "".join(f", stage-{s} stream k = {k}" for s, k in config.active_stream.items())
+        print(f"{explorer.name} on {explorer.data.identity.name}; {len(config.active)} layers clustered{stream} "
               f"({config.metric}, {config.granularity}{', BN folded' if config.fold_bn else ''}"
               f"{f', BN re-estimated on {config.recalibrate_bn} images' if config.recalibrate_bn else ''})")
         print(format_table(summary))
