@@ -463,3 +463,43 @@ def test_prune_cli_with_a_stream_k(tmp_path, capsys):
     path = tmp_path / "c.json"
     path.write_text(stream_config({2: 20}).to_json())
     assert config_from_args(build_parser().parse_args(["--config", str(path)])).stream == {2: 20}
+
+
+# ---------------------------------------------------------------- the app's state
+
+def test_app_url_roundtrip_with_stream_ks():
+    from explorer.app import state
+
+    view, warns = state.parse_query({"ckpt": "a", "fold_bn": "1", "s.1": "8", "s.2": "12", "k.layer1.0.conv1": "5"},
+                                    ["a"])
+    assert warns == []
+    assert view.config.stream == {1: 8, 2: 12} and view.config.ks == {"layer1.0.conv1": 5}
+    q = state.view_query(view)
+    assert q["s.1"] == "8" and q["s.2"] == "12" and "s.3" not in q
+    assert state.parse_query(q, ["a"]) == (view, [])
+    assert state.s_key(3) == "s.3" and "stream" not in state.CONFIG_KEYS
+
+
+def test_app_stream_sliders_drive_the_configuration():
+    from streamlit.testing.v1 import AppTest
+
+    def app():
+        import streamlit as st
+
+        from explorer.app import sidebar, state
+
+        if "ready" not in st.session_state:
+            view, _ = state.parse_query({"fold_bn": "1", "s.1": "6"}, ["a"])
+            state.put_view(view, only_missing=False)
+            st.session_state["ready"] = True
+        sidebar.stream_sliders({1: 16, 2: 32, 3: 64})
+        st.write(state.current_config().to_json())
+
+    at = AppTest.from_function(app).run(timeout=60)
+    assert not at.exception
+    sliders = {s.key: s for s in at.sidebar.slider}
+    assert sliders["s.1"].value == 6 and sliders["s.2"].value == 32 and sliders["s.3"].value == 64
+    sliders["s.2"].set_value(10).run(timeout=60)
+    from explorer.app import state  # noqa: F401 (the app imported it)
+    cfg = ClusteringConfig.from_json(at.markdown[-1].value)
+    assert cfg.stream == {1: 6, 2: 10} and cfg.fold_bn

@@ -164,6 +164,33 @@ def training_form(ckpt_dir: Path) -> None:
                 st.success(f"Started `{name}` (pid {rec.pid}); log: `{rec.log}`")
 
 
+def stream_sliders(limit_of: dict[int, int] | None = None) -> None:
+    """One "stream k" slider per stage (widget keys ``s.<stage>``, :func:`explorer.app.state.s_key`):
+    the coupled clustering of that stage's residual-stream channels, shared by every conv that
+    writes it (:func:`explorer.clustering.cluster_stream`). Drawn in the sidebar by the Explorer
+    page next to the per-layer sliders. ``limit_of``: each stage's largest k that can be
+    clustered (:func:`explorer.limits.stream_limits`). A configuration the sliders cannot express
+    (no fold_bn, a stage below the shortcut's minimum, a writer's own k as well) is shown with the
+    library's one-line reason by the page, not clamped here."""
+    from ..clustering import stream_min_k
+    from ..model import STREAM_STAGES, stream_width, stream_writers
+
+    ss = st.session_state
+    with st.sidebar, st.expander("Residual stream (needs fold BatchNorm)", expanded=False):
+        stream = {s: int(ss.get(state.s_key(s), stream_width(s))) for s in STREAM_STAGES}
+        for s in STREAM_STAGES:
+            w = stream_width(s)
+            limit = (limit_of or {}).get(s, w)
+            lo = stream_min_k(s, {t: k for t, k in stream.items() if k < stream_width(t)})
+            st.slider(f"stream k, stage {s} ({w} channels" + (f", at most {limit}" if limit < w else "") + ")",
+                      1, w, key=state.s_key(s),
+                      help=f"Cluster the {w} channels of stage {s}'s residual stream into k, with one assignment "
+                           f"shared by {', '.join(stream_writers(s))}; the stream itself narrows to k channels. "
+                           + (f"The option-A shortcut needs k >= {lo} here (one more than stage {s - 1}'s count). "
+                              if s > 1 else "")
+                           + f"{w} leaves it unchanged; those layers' own k must then stay at {w}.")
+
+
 def render(query: dict, warns: list[str]) -> Context:
     """The checkpoint part of the sidebar. ``query`` is the URL without ``page``; on the session's
     first run it is written into the widgets and its ``warns`` (with the URL's own) are shown."""

@@ -17,8 +17,8 @@ from typing import Mapping
 
 import streamlit as st
 
-from ..clustering import ClusteringConfig
-from ..model import CONV_LAYER_NAMES, CONV_LAYERS
+from ..clustering import STREAM_KEY, ClusteringConfig
+from ..model import CONV_LAYER_NAMES, CONV_LAYERS, STREAM_STAGES, stream_width
 from ..projection import METHODS
 from ..urlquery import last_value
 from .support import UPLOAD_PREFIX
@@ -27,13 +27,14 @@ DEFAULT_LAYER = "conv1"
 DEFAULT_PROJECTION = "umap"
 DEFAULT_UNIFORM_K = 8
 VIEW_KEYS = ("ckpt", "layer", "proj")
-# Every ClusteringConfig option is a URL parameter and an ``opt.<name>`` widget key.
-CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ClusteringConfig) if f.name != "ks")
+# Every ClusteringConfig option is a URL parameter and an ``opt.<name>`` widget key; the stream ks
+# are one ``s.<stage>`` key per stage instead (:func:`s_key`), like the layers' ``k.<layer>``.
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ClusteringConfig) if f.name not in ("ks", "stream"))
 STREAMLIT_KEYS = ("embed", "embed_options")  # understood by Streamlit itself; never warned about
 PAGE_PARAM = "page"
 PAGES = {"explorer": "Explorer", "analysis": "Analysis"}
 NAV_KEY = "nav.page"
-EXPLORER_STATE_PREFIXES = ("k.", "opt.")
+EXPLORER_STATE_PREFIXES = ("k.", "opt.", STREAM_KEY)
 # What the app shows when the URL does not say: the space and recovery the shipped analysis found
 # best (docs/recovery.md: data-aware k-means + least squares). The library's defaults stay plain
 # k-means without recovery; the URL names space and recovery whenever they differ from these.
@@ -44,6 +45,11 @@ EXPLORER_STATE_KEYS = ("layer", "proj", "uniform_k")
 def k_key(layer: str) -> str:
     """Widget key of a layer's k slider (and its URL parameter): ``k.<layer>``."""
     return f"k.{layer}"
+
+
+def s_key(stage: int) -> str:
+    """Widget key of a stage's residual-stream k slider (and its URL parameter): ``s.<stage>``."""
+    return f"{STREAM_KEY}{stage}"
 
 
 def opt_key(name: str) -> str:
@@ -112,7 +118,7 @@ def parse_query(params: Mapping[str, object], checkpoints: list[str]) -> tuple[V
         else:
             warns.append(f"proj={raw[:20]!r} is not one of {', '.join(METHODS)}; using {DEFAULT_PROJECTION}")
     known = set(VIEW_KEYS) | set(CONFIG_KEYS) | set(STREAMLIT_KEYS)
-    unknown = [k for k in params if k not in known and not k.startswith("k.")]
+    unknown = [k for k in params if k not in known and not k.startswith(("k.", STREAM_KEY))]
     if unknown:
         shown = ", ".join(repr(k[:30]) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         warns.append(f"ignored unknown URL parameter{'s' if len(unknown) > 1 else ''} {shown}")
@@ -184,6 +190,8 @@ def write_config(config: ClusteringConfig, only_missing: bool = False) -> None:
     active = config.active
     for layer in CONV_LAYERS:
         put(k_key(layer.name), int(active.get(layer.name, layer.filters)))
+    for stage in STREAM_STAGES:
+        put(s_key(stage), int(config.active_stream.get(stage, stream_width(stage))))
 
 
 def put_view(view: ViewState, only_missing: bool) -> None:
@@ -202,7 +210,9 @@ def current_config() -> ClusteringConfig:
     ss = _ss()
     default = ClusteringConfig()
     ks = {l.name: int(ss[k_key(l.name)]) for l in CONV_LAYERS if int(ss[k_key(l.name)]) < l.filters}
-    return ClusteringConfig(ks=ks, **{n: type(getattr(default, n))(ss[opt_key(n)]) for n in CONFIG_KEYS})
+    stream = {s: int(ss.get(s_key(s), stream_width(s))) for s in STREAM_STAGES}
+    stream = {s: k for s, k in stream.items() if k < stream_width(s)}
+    return ClusteringConfig(ks=ks, stream=stream, **{n: type(getattr(default, n))(ss[opt_key(n)]) for n in CONFIG_KEYS})
 
 
 def current_view() -> ViewState:
@@ -223,6 +233,8 @@ def apply_uniform() -> None:
     k = int(ss["uniform_k"])
     for layer in CONV_LAYERS:
         ss[k_key(layer.name)] = min(k, layer.filters)
+    for stage in STREAM_STAGES:  # a uniform k sets the stream writers' own k, which excludes a stream k
+        ss[s_key(stage)] = stream_width(stage)
 
 
 def reset_all() -> None:
