@@ -150,3 +150,25 @@ def pruned_structure(model: nn.Module, kept: dict[str, np.ndarray]) -> nn.Module
         if drop:
             dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=drop).prune()
     return work
+
+
+def recover(model: nn.Module, masked: nn.Module, ks: dict[str, int], recovery: str,
+            train_images: torch.Tensor) -> nn.Module:
+    """A copy of the masked pruned net after ``recovery``: "none", "bn" (BatchNorm re-estimated on
+    2,000 training images) or "lsq" (:func:`explorer.recovery.lsq_recover` from the first pruned
+    layer on, against the unpruned ``model``; masked channels stay masked). Every fit reads uint8
+    training images only (:func:`explorer.clustering.calibration_subset`), never the test split."""
+    from .clustering import Clustering, ClusteringConfig, calibration_subset, recalibrate_bn, training_reference
+    from .model import CONV_LAYER_NAMES
+    from .recovery import lsq_recover
+
+    net = copy.deepcopy(masked)
+    if recovery == "bn":
+        recalibrate_bn(net, calibration_subset(train_images, 2000))
+    elif recovery == "lsq":
+        cfg = ClusteringConfig(recovery="lsq")
+        ref = training_reference(model, cfg, train_images)
+        lsq_recover(net, Clustering(cfg, {}), ref, start=min(CONV_LAYER_NAMES.index(n) for n in ks))
+    elif recovery != "none":
+        raise PruningError(f"recovery must be none, bn or lsq, got {recovery!r}")
+    return net

@@ -5,17 +5,14 @@ the same test split. Resumable: every measured row lands in ``checkpoints/<name>
 """
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
 import torch
 
 from .. import pruning
-from ..clustering import Clustering, ClusteringConfig, calibration_subset, recalibrate_bn, training_reference
+from ..clustering import ClusteringConfig
 from ..compress import compress, count_macs
-from ..model import CONV_LAYER_NAMES
-from ..recovery import lsq_recover
 from .results import header, open_results, save_results
 
 SUFFIX = ".baselines.json"
@@ -30,18 +27,9 @@ def _row(method, recovery, ks, ev, macs, baseline_top1, baseline_macs, seconds) 
 
 
 def recovered(explorer, masked: torch.nn.Module, ks: dict[str, int], recovery: str) -> torch.nn.Module:
-    """A copy of the masked pruned net after ``recovery`` ("none", "bn", "lsq"); every fit reads
-    training images only (:func:`explorer.clustering.calibration_subset`)."""
-    data = explorer.data
-    net = copy.deepcopy(masked)
-    if recovery == "bn":
-        recalibrate_bn(net, calibration_subset(data.train_images, 2000))
-    elif recovery == "lsq":
-        cfg = ClusteringConfig(recovery="lsq")
-        ref = training_reference(explorer.model, cfg, data.train_images)
-        start = min(CONV_LAYER_NAMES.index(n) for n in ks)
-        lsq_recover(net, Clustering(cfg, {}), ref, start=start)
-    return net
+    """A copy of the masked pruned net after ``recovery`` ("none", "bn", "lsq"):
+    :func:`explorer.pruning.recover` against the explorer's base model, on its training images."""
+    return pruning.recover(explorer.model, masked, ks, recovery, explorer.data.train_images)
 
 
 def compare(explorer, path: str | Path, ks: dict[str, int], label: str, criteria=pruning.CRITERIA,

@@ -14,6 +14,8 @@ EXAMPLES = """
 python -m explorer.search --fold-bn --budget 5 10 20 40 --target-reduction 0.42 --write-config cfg.json
 python -m explorer.finetune --config cfg.json --epochs 30 --distill 0.7     # --device cuda where there is one
 python -m explorer.finetune --config cfg.json --epochs 30 --distill 0.7 --resume
+python -m explorer.finetune --config cfg.json --epochs 30 --method merged         # train the smaller net itself
+python -m explorer.finetune --config cfg.json --epochs 30 --pruning fpgm          # the pruning baseline
 """
 
 
@@ -34,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing")
     p.add_argument("--cutout", type=int, default=d.cutout, help="Cutout square side in pixels (0 = off)")
     p.add_argument("--seed", type=int, default=d.seed, help="shuffling / augmentation seed")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default=d.precision, help="training precision")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=d.precision,
+                   help="auto: bf16 where the hardware runs it natively, else fp32 (evaluation is always fp32)")
     p.add_argument("--rebase-images", type=int, default=d.rebase_images,
                    help="training images for re-basing identity BatchNorms (fold_bn without BN re-estimation)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate the test split every N epochs")
@@ -45,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", type=float, default=d.distill, metavar="ALPHA",
                    help="weight of knowledge distillation from the base net (0 = off; Hinton et al. 2015)")
     p.add_argument("--temperature", type=float, default=d.temperature, help="distillation temperature")
+    p.add_argument("--method", choices=("tied", "merged", "centripetal"), default=d.method,
+                   help="tied: centroids trained at full width; merged: the smaller merged net trained itself "
+                        "(faster); centripetal: filters pulled to their cluster's mean during training "
+                        "(Ding et al. 2019)")
+    p.add_argument("--strength", type=float, default=d.strength,
+                   help="centripetal pull per step (fraction of the way to the cluster mean)")
+    p.add_argument("--pruning", default=d.pruning, choices=("", "l1", "fpgm", "taylor", "random"),
+                   help="baseline: prune the --config layers to their k by this Torch-Pruning criterion instead "
+                        "of clustering, then train the pruned net with the same recipe")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
                    help="where to train (evaluation always runs on CPU in fp32)")
     p.add_argument("--latency", action="store_true", help="time the compressed net at batch 1 and 256 at the end")

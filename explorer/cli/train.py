@@ -39,8 +39,8 @@ def build_parser():
     p.add_argument("--name", default=d.name, help="checkpoint name: writes <out>/<name>.pt, .json, .log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue from <out>/<name>.train.pt if present")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="where to train")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision,
-                   help="bf16 autocast (CPU with AVX-512 BF16, or CUDA) or fp32; final accuracy is always fp32")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
+                   help="auto: bf16 autocast where the hardware runs it natively (CUDA; CPU with AVX-512 BF16/AMX), else fp32; final accuracy is always fp32")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate the test split every N epochs")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (faster after warm-up)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")

@@ -33,13 +33,25 @@ from torch import nn
 
 from .. import checkpoints as ckpt
 from ..clustering import ClusteringConfig
-from ..compress import compress, export_onnx, report, save_compressed
+from ..compress import compress, count_macs, export_onnx, report, save_compressed
 from ..data import CLASSES, CIFAR10Tensors, normalize
 from ..digest import state_digest
 from ..engine import FastEvaluator
 from ..evaluate import Comparison, evaluate, per_class_table
-from .loop import UNPINNED, Hooks, LoopConfig, Pins, pick_device, run_epochs, sgd
-from .tied import distinct_directions, distinct_filters, materialize, prepare, tied_clustering, tied_layers
+from .loop import UNPINNED, Hooks, LoopConfig, Pins, memory_format, pick_device, resolve_precision, run_epochs, sgd
+from .centripetal import DEFAULT_STRENGTH, CentripetalGroups, project, projected_clustering
+from .narrow import expand_pruned, narrow_from_tied, write_back
+from .tied import MIN_TIED_GAMMA, distinct_directions, distinct_filters, materialize, prepare, tied_clustering, tied_layers
+
+METHODS = ("tied", "merged", "centripetal")
+METHOD_TEXT = {
+    "tied": "tied centroids (gradients averaged per cluster); merged layers' BN tied",
+    "merged": "the merged (narrow) net trained directly: merged blocks' first convs have k filters, second convs "
+              "read k channels (gain-weighted sums); other clustered layers tied",
+    "centripetal": "centripetal SGD (Ding et al. 2019): cluster-mean gradients plus a pull of each member to its "
+                   "cluster's mean after every step; the projected (exactly clustered) net is saved",
+    "pruned": "the physically pruned net (Torch-Pruning) trained directly",
+}
 
 
 @dataclass
@@ -53,18 +65,41 @@ class FinetuneConfig(LoopConfig):
     rebase_images: int = 2000
     distill: float = 0.0
     temperature: float = 4.0
+    method: str = "tied"
+    strength: float = DEFAULT_STRENGTH
+    pruning: str = ""
 
     def checks(self) -> list[tuple[bool, str]]:
+        from ..pruning import CRITERIA
+
         return super().checks() + [
             (self.rebase_images >= 1, "--rebase-images must be >= 1"),
             (0 <= self.distill <= 1, "--distill must be in [0, 1]"),
             (self.temperature > 0, "--temperature must be > 0"),
+            (self.method in METHODS, f"--method must be one of {', '.join(METHODS)}"),
+            (0 < self.strength < 1, "--strength must be in (0, 1)"),
+            (self.pruning in ("", *CRITERIA), f"--pruning must be one of {', '.join(CRITERIA)}"),
+            (not self.pruning or self.method == "tied",
+             "--pruning trains the pruned net itself; leave --method at its default"),
         ]
 
 
 def _on_cpu(tied: nn.Module) -> nn.Module:
     """The tied model itself on CPU, else a CPU copy (materialising and the engine run on CPU)."""
     return tied if next(tied.parameters()).device.type == "cpu" else copy.deepcopy(tied).cpu()
+
+
+def distilled_loss(hooks, logits, x, y, cfg) -> torch.Tensor:
+    """The loop's cross-entropy, plus knowledge distillation from ``hooks.teacher`` when there is
+    one: ``(1 - a) CE + a T^2 KL(softmax(z_t / T) || softmax(z / T))`` (Hinton et al. 2015)."""
+    loss = Hooks.loss(hooks, logits, x, y, cfg)
+    if hooks.teacher is None:
+        return loss
+    t = hooks.temperature
+    with torch.no_grad():
+        soft = F.softmax(hooks.teacher(x).float() / t, dim=1)
+    kd = F.kl_div(F.log_softmax(logits.float() / t, dim=1), soft, reduction="batchmean")
+    return (1 - hooks.distill) * loss + hooks.distill * t ** 2 * kd
 
 
 class TiedHooks(Hooks):
@@ -80,14 +115,7 @@ class TiedHooks(Hooks):
         self.plain = self.cpu_tied = None
 
     def loss(self, logits, x, y, cfg):
-        loss = super().loss(logits, x, y, cfg)
-        if self.teacher is None:
-            return loss
-        t = self.temperature
-        with torch.no_grad():
-            soft = F.softmax(self.teacher(x).float() / t, dim=1)
-        kd = F.kl_div(F.log_softmax(logits.float() / t, dim=1), soft, reduction="batchmean")
-        return (1 - self.distill) * loss + self.distill * t ** 2 * kd
+        return distilled_loss(self, logits, x, y, cfg)
 
     def after_backward(self) -> None:
         for t in self.convs:
@@ -119,6 +147,67 @@ class TiedHooks(Hooks):
         return [{"epoch": 0, "test_top1": self.before_top1}] + [
             {"epoch": r["epoch"], "test_top1": r["test_top1"]} for r in log if "test_top1" in r]
 
+    def final(self):
+        """(plain clustered ResNet20, its Clustering) of the current weights, for the export."""
+        self.end_epoch()
+        return self.plain, tied_clustering(self.cpu_tied, self.config, self.clustering0)
+
+
+class MergedHooks(TiedHooks):
+    """Fine-tuning of the narrow net of :func:`explorer.training.narrow.narrow_from_tied` (the
+    merged structure itself); the tied model is kept on CPU and written back each epoch, so the
+    saved weights, the evaluation and the export are the tied method's."""
+
+    def __init__(self, narrow, forward, tied_cpu, merged, *args, **kwargs):
+        super().__init__(narrow, forward, *args, **kwargs)
+        self.tied_cpu, self.merged = tied_cpu, merged
+        self.narrow_bns = [narrow.get_submodule(n.rsplit(".", 1)[0] + ".bn1") for n in sorted(merged)]
+
+    def after_step(self) -> None:
+        super().after_step()
+        with torch.no_grad():
+            for bn in self.narrow_bns:
+                bn.weight.clamp_(min=MIN_TIED_GAMMA)  # merged channels need positive gains (as TiedConv.project)
+
+    def end_epoch(self) -> None:
+        write_back(_on_cpu(self.model), self.tied_cpu, self.merged)
+        self.cpu_tied = self.tied_cpu
+        self.plain = materialize(self.tied_cpu)
+
+    def state_dict(self) -> dict:
+        return {"model": _on_cpu(self.model).state_dict()}
+
+
+class CentripetalHooks(TiedHooks):
+    """Centripetal SGD (:mod:`explorer.training.centripetal`) of a plain ResNet20 that starts from
+    the base weights; the projected net is what is evaluated and saved."""
+
+    def __init__(self, model, forward, strength, *args, **kwargs):
+        super().__init__(model, forward, *args, **kwargs)
+        self.groups, self.strength, self.convs = CentripetalGroups(model, args[1]), strength, []
+
+    def after_backward(self) -> None:
+        self.groups.average_gradients()
+
+    def after_step(self) -> None:
+        self.groups.pull(self.strength)
+
+    def end_epoch(self) -> None:
+        self.plain = project(self.model, self.groups)
+
+    def evaluate(self) -> float:
+        return self.engine.evaluate(compress(self.plain, projected_clustering(self.plain, self.clustering0))).top1
+
+    def state_dict(self) -> dict:
+        return {"model": _on_cpu(self.model).state_dict()}
+
+    def epoch_meta(self, record: dict, log: list[dict]) -> dict:
+        return {"recovery": self.recovery(log), "centripetal_spread": self.groups.spread()}
+
+    def final(self):
+        self.end_epoch()
+        return self.plain, projected_clustering(self.plain, self.clustering0)
+
 
 def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: FinetuneConfig, data: CIFAR10Tensors,
              resume: bool = False, quiet: bool = False, stop_after: int | None = None,
@@ -135,12 +224,25 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
     # so "before", the recovery curve and "after" are comparable to the app and the search numbers.
     engine = FastEvaluator(data.test_images, data.test_labels, cache_mb=0, mixed=False)
     baseline = engine.evaluate(compress(base))
+    if ft.pruning:
+        return _finetune_pruned(checkpoint, base, base_digest, config, ft, data, engine, baseline, files,
+                                resume, quiet, stop_after, latency)
     model0, clustering0, small0, tied, merged = prepare(base, config, data, ft.rebase_images)
     before = engine.evaluate(small0)
     specs0 = [asdict(s) for s in small0.specs]
     device = pick_device(ft.device)
-    tied.to(device)
-    optimizer, scheduler, steps = sgd(ft, list(tied.parameters()), len(data.train_labels))
+    precision = resolve_precision(ft.precision, device)
+    fmt = memory_format(precision, device)
+    if ft.method == "merged":
+        trained = narrow_from_tied(tied, merged)
+    elif ft.method == "centripetal":
+        trained = copy.deepcopy(base).float().train()
+        for p in trained.parameters():
+            p.requires_grad_(True)
+    else:
+        trained = tied
+    trained.to(device).to(memory_format=fmt)
+    optimizer, scheduler, steps = sgd(ft, list(trained.parameters()), len(data.train_labels))
     pins = Pins("finetune", asdict(ft), frozenset(asdict(ft)) - UNPINNED,
                 {"clustering": config.to_dict(), "base_weights_sha1": base_digest, "dataset": data.identity.to_dict()})
 
@@ -150,7 +252,8 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
         "finetune": {"base_checkpoint": Path(checkpoint).stem, "base_weights_sha1": base_digest,
                      "hyperparameters": asdict(ft), "merged_layers": sorted(merged),
                      "tied_bn_layers": sorted(n for n, t in tied_layers(tied).items() if t.bn is not None),
-                     "method": "tied centroids (gradients averaged per cluster); merged layers' BN tied"},
+                     "method": METHOD_TEXT[ft.method], "method_name": ft.method, "precision_used": precision,
+                     "macs": count_macs(small0)},
         "clustering": config.to_dict(),
         "labels": {n: [int(x) for x in r.labels] for n, r in clustering0.layers.items()},
         "baseline": {"top1": baseline.top1, "per_class": baseline.per_class_dict()},
@@ -160,9 +263,15 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
     }
     # Knowledge distillation from the unclustered base net: its soft targets carry the base net's
     # class similarities, the usual way to recover a pruned net's accuracy.
-    teacher = copy.deepcopy(base).to(device).to(memory_format=torch.channels_last).eval() if ft.distill > 0 else None
-    hooks = TiedHooks(tied, torch.compile(tied) if ft.compile else tied, config, clustering0, engine, before.top1,
-                      teacher, ft.distill, ft.temperature)
+    teacher = copy.deepcopy(base).to(device).to(memory_format=fmt).eval() if ft.distill > 0 else None
+    forward = torch.compile(trained) if ft.compile else trained
+    rest = (config, clustering0, engine, before.top1, teacher, ft.distill, ft.temperature)
+    if ft.method == "merged":
+        hooks = MergedHooks(trained, forward, tied, merged, *rest)
+    elif ft.method == "centripetal":
+        hooks = CentripetalHooks(trained, forward, ft.strength, *rest)
+    else:
+        hooks = TiedHooks(trained, forward, *rest)
     progress = run_epochs(ft, hooks, data, optimizer, scheduler, steps, files, meta, pins, device, resume=resume,
                           quiet=quiet, stop_after=stop_after, desc="finetune")
     if not progress.finished:
@@ -171,9 +280,7 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
 
 
 def _finish(hooks: TiedHooks, specs0, base, data, files, ft, meta, before, baseline, log, latency, quiet):
-    tied = _on_cpu(hooks.model)
-    plain = materialize(tied)
-    clustering = tied_clustering(tied, hooks.config, hooks.clustering0)
+    plain, clustering = hooks.final()
     small = compress(plain, clustering)
     if [asdict(s) for s in small.specs] != specs0:
         raise RuntimeError("fine-tuning changed the compressed architecture; this is a bug")
@@ -207,6 +314,118 @@ def _finish(hooks: TiedHooks, specs0, base, data, files, ft, meta, before, basel
         print(f"done: top-1 {100 * baseline.top1:.2f}% (base) -> {100 * before.top1:.2f}% (clustered) -> "
               f"{100 * after.top1:.2f}% (fine-tuned, {ft.epochs} epochs); {100 * rep.mac_reduction:.1f}% fewer MACs, "
               f"{rep.compression_ratio:.2f}x fewer parameters; wrote {files['weights']}, {pt}, {onnx}")
+    return meta
+
+
+class PrunedHooks(Hooks):
+    """Fine-tuning of a physically pruned net (Torch-Pruning); saved and evaluated as the masked
+    full-width ResNet20 (:func:`explorer.training.narrow.expand_pruned`)."""
+
+    def __init__(self, narrow, forward, template, kept, engine, before_top1, teacher=None, distill=0.0,
+                 temperature=4.0):
+        super().__init__(narrow, forward)
+        self.template, self.kept, self.engine, self.before_top1 = template, kept, engine, before_top1
+        self.teacher, self.distill, self.temperature = teacher, distill, temperature
+        self.plain = None
+
+    loss = distilled_loss
+    recovery = TiedHooks.recovery
+
+    def end_epoch(self) -> None:
+        self.plain = expand_pruned(_on_cpu(self.model), self.template, self.kept)
+
+    def evaluate(self) -> float:
+        return self.engine.evaluate(compress(self.plain)).top1
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.contiguous() for k, v in self.plain.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return {"model": _on_cpu(self.model).state_dict()}
+
+    def epoch_meta(self, record: dict, log: list[dict]) -> dict:
+        return {"recovery": self.recovery(log)}
+
+
+def _finetune_pruned(checkpoint, base, base_digest, config, ft, data, engine, baseline, files, resume, quiet,
+                     stop_after, latency):
+    """The pruning baseline: prune ``config.ks`` (blocks' first convs) by ``ft.pruning``, apply
+    ``config.recovery`` (as :mod:`explorer.analysis.baselines`), then train the physically pruned net
+    with the same loop and recipe as the clustered nets."""
+    from .. import pruning
+    if not config.ks:
+        raise ValueError("--pruning needs a configuration with per-layer k (the blocks' first convs)")
+    masked, kept = pruning.prune(base, dict(config.ks), ft.pruning, data.train_images, data.train_labels)
+    masked = pruning.recover(base, masked, dict(config.ks), config.recovery, data.train_images)
+    before = engine.evaluate(compress(masked))
+    narrow = pruning.pruned_structure(masked, kept).train()
+    macs = count_macs(narrow)
+    device = pick_device(ft.device)
+    precision = resolve_precision(ft.precision, device)
+    fmt = memory_format(precision, device)
+    narrow.to(device).to(memory_format=fmt)
+    optimizer, scheduler, steps = sgd(ft, list(narrow.parameters()), len(data.train_labels))
+    pins = Pins("finetune", asdict(ft), frozenset(asdict(ft)) - UNPINNED,
+                {"clustering": config.to_dict(), "base_weights_sha1": base_digest, "dataset": data.identity.to_dict()})
+    meta = {
+        "architecture": "resnet20", "status": "training", "epochs": ft.epochs,
+        "dataset": data.identity.to_dict(), "classes": list(CLASSES),
+        "finetune": {"base_checkpoint": Path(checkpoint).stem, "base_weights_sha1": base_digest,
+                     "hyperparameters": asdict(ft), "method": METHOD_TEXT["pruned"], "method_name": "pruned",
+                     "pruning": ft.pruning, "recovery": config.recovery, "precision_used": precision, "macs": macs,
+                     "kept": {n: [int(i) for i in k] for n, k in kept.items()}},
+        "pruning": {"criterion": ft.pruning, "ks": dict(config.ks)},
+        "baseline": {"top1": baseline.top1, "per_class": baseline.per_class_dict()},
+        "before": {"top1": before.top1, "per_class": before.per_class_dict()},
+        "torch": torch.__version__, "device": device.type,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    teacher = copy.deepcopy(base).to(device).to(memory_format=fmt).eval() if ft.distill > 0 else None
+    hooks = PrunedHooks(narrow, torch.compile(narrow) if ft.compile else narrow, masked, kept, engine, before.top1,
+                        teacher, ft.distill, ft.temperature)
+    progress = run_epochs(ft, hooks, data, optimizer, scheduler, steps, files, meta, pins, device, resume=resume,
+                          quiet=quiet, stop_after=stop_after, desc="finetune")
+    if not progress.finished:
+        return meta
+    hooks.end_epoch()
+    plain = hooks.plain
+    after = engine.evaluate(compress(plain))
+    small = _on_cpu(hooks.model).eval()
+    with torch.inference_mode():
+        x = normalize(data.test_images[:256])
+        max_diff = float((small(x) - plain(x)).abs().max())
+    out = Path(ft.out) / "compressed"
+    pt = out / f"{ft.name}.pt"
+    ckpt.save_torch({k: v.contiguous() for k, v in small.state_dict().items()}, pt)
+    js = out / f"{ft.name}.json"
+    ckpt.save_json({"architecture": "resnet20-pruned", "criterion": ft.pruning, "kept": meta["finetune"]["kept"],
+                    "macs": macs, "top1": after.top1, "source": ft.name, "dataset": data.identity.to_dict()}, js)
+    onnx = export_onnx(small, out / f"{ft.name}.onnx")
+    lat = {}
+    if latency:
+        from ..compress import measure_latency
+
+        for b in (1, 256):
+            c, o = measure_latency(small, b), measure_latency(base, b)
+            lat[f"b{b}"] = {"compressed_s": c, "baseline_s": o, "speedup": o / c}
+    base_macs = count_macs(base)
+    comp = Comparison(baseline, after)
+    meta.update(
+        status="complete", epochs_done=ft.epochs, test_top1=after.top1, per_class=after.per_class_dict(),
+        test_evaluated_in="fp32", recovery=hooks.recovery(progress.log),
+        after={"top1": after.top1, "per_class": after.per_class_dict(), "pruned_vs_masked_max_abs_logit_diff": max_diff},
+        per_class_rows=per_class_table({"baseline": baseline, "before": before, "after": after}).to_dict("records"),
+        top1_drop_pts=-100 * comp.top1_delta,
+        compression={"macs": macs, "baseline_macs": base_macs, "mac_reduction": 1 - macs / base_macs,
+                     "params": sum(p.numel() for p in small.parameters()), "latency": lat or None},
+        compressed_export=[str(pt), str(js), str(onnx)],
+    )
+    ckpt.save_json(meta, files["meta"])
+    ckpt.write_status(files["status"], state="complete", epoch=ft.epochs, epochs=ft.epochs, test_top1=after.top1,
+                      pid=os.getpid())
+    if not quiet:
+        print(f"done: top-1 {100 * baseline.top1:.2f}% (base) -> {100 * before.top1:.2f}% (pruned, {ft.pruning}) -> "
+              f"{100 * after.top1:.2f}% (fine-tuned, {ft.epochs} epochs); {100 * (1 - macs / base_macs):.1f}% fewer MACs")
     return meta
 
 

@@ -41,6 +41,7 @@ from .. import checkpoints as ckpt
 from ..data import CIFAR10Tensors, augment, normalize
 
 SCHEDULES = ("cosine", "step", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
 # Settings a resumed run may change: where files go and how fast it runs.
 UNPINNED = frozenset({"out", "name", "data", "device", "eval_every", "compile"})
 STATUS_EVERY_S = 10.0
@@ -59,7 +60,7 @@ class LoopConfig:
     label_smoothing: float = 0.1
     cutout: int = 8
     seed: int = 0
-    precision: str = "bf16"
+    precision: str = "auto"
     device: str = "auto"
     name: str = ckpt.DEFAULT_NAME
     out: str = str(ckpt.DEFAULT_DIR)
@@ -76,7 +77,7 @@ class LoopConfig:
             (self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
             (0 <= self.cutout <= 32, "--cutout must be in 0..32 pixels"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-            (self.precision in ("fp32", "bf16"), "--precision must be fp32 or bf16"),
+            (self.precision in PRECISIONS, "--precision must be auto, fp32 or bf16"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
             (self.eval_every >= 1, "--eval-every must be >= 1"),
             (bool(self.name) and "/" not in self.name and not self.name.startswith("."),
@@ -124,6 +125,29 @@ def pick_device(name: str, rank: int = 0) -> torch.device:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast is the fast way to train on ``device``: CUDA with bf16 support, or a
+    CPU whose oneDNN has native bf16 kernels (AVX-512 BF16 / AMX). Elsewhere (e.g. an AVX2-only
+    EPYC, measured: one ResNet20 epoch 124 s in fp32, 1,988 s under bf16 autocast) bf16 is
+    emulated and fp32 is far faster."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``fp32`` or ``bf16`` for a configured precision: ``auto`` is bf16 where :func:`fast_bf16`."""
+    if precision == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    return precision
+
+
+def memory_format(precision: str, device: torch.device) -> torch.memory_format:
+    """channels_last where it pays (bf16 on oneDNN, any CUDA run); contiguous NCHW for fp32 on CPU,
+    where oneDNN's AVX2 fp32 kernels for these 16-64-channel convs are fastest on NCHW."""
+    return torch.channels_last if device.type == "cuda" or precision == "bf16" else torch.contiguous_format
 
 
 def sgd(cfg: LoopConfig, params, n_train: int, schedule: str = "cosine"):
@@ -263,8 +287,10 @@ def run_epochs(cfg: LoopConfig, hooks: Hooks, data: CIFAR10Tensors, optimizer, s
         print(f"--resume: no {files['train'].name} yet, starting from epoch 0", file=sys.stderr)
 
     n_train, local_batch = len(data.train_labels), cfg.batch_size // world
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+    precision = resolve_precision(cfg.precision, device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
+    fmt = memory_format(precision, device)
     epochs_run = 0
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
@@ -281,7 +307,7 @@ def run_epochs(cfg: LoopConfig, hooks: Hooks, data: CIFAR10Tensors, optimizer, s
                    disable=quiet or not is_main, leave=False, mininterval=2.0)
         last_status = time.time()
         for i in bar:
-            x = normalize(images[i]).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = normalize(images[i]).to(device, non_blocking=True).contiguous(memory_format=fmt)
             y = labels[i].to(device, non_blocking=True)
             with autocast:
                 logits = hooks.forward(x)

@@ -23,7 +23,8 @@ from .. import checkpoints as ckpt
 from ..data import CLASSES, MEAN, STD, CIFAR10Tensors, load_cifar10, synthetic_cifar10
 from ..evaluate import evaluate
 from ..model import count_parameters, resnet20
-from .loop import SCHEDULES, UNPINNED, Hooks, LoopConfig, Pins, distributed, pick_device, run_epochs, sgd
+from .loop import (SCHEDULES, UNPINNED, Hooks, LoopConfig, Pins, distributed, memory_format, pick_device,
+                   resolve_precision, run_epochs, sgd)
 
 
 @dataclass
@@ -91,7 +92,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
             else load_cifar10(cfg.data))
 
     torch.manual_seed(cfg.seed)
-    model = resnet20().to(device).to(memory_format=torch.channels_last)
+    precision = resolve_precision(cfg.precision, device)
+    model = resnet20().to(device).to(memory_format=memory_format(precision, device))
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     optimizer, scheduler, steps = sgd(cfg, model.parameters(), len(data.train_labels), cfg.schedule)
     forward = model
@@ -105,7 +107,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     meta = _metadata(cfg, data, world, device)
     pins = Pins("config", asdict(cfg), frozenset(asdict(cfg)) - UNPINNED, {"dataset": data.identity.to_dict()},
                 {"dataset": "point --data at the same dataset"})
-    hooks = EMAHooks(model, forward, ema, data, cfg.precision)
+    meta["precision_used"] = precision
+    hooks = EMAHooks(model, forward, ema, data, precision)
     progress = run_epochs(cfg, hooks, data, optimizer, scheduler, steps, files, meta, pins, device, rank=rank,
                           world=world, resume=resume, quiet=quiet, stop_after=stop_after)
     if not progress.finished:

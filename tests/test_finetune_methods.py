@@ -1,0 +1,186 @@
+"""The fine-tuning methods beside the tied one: the merged (narrow) net, centripetal SGD, and the
+pruned baseline trained with the same loop; and the loop's precision choice.
+
+Synthetic data on one thread; the shipped checkpoint where the clusters must merge."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _models import positive_bn_model
+from explorer import checkpoints as ckpt
+from explorer import pruning
+from explorer.cli.finetune import main as finetune_main
+from explorer.clustering import Clustering, ClusteringConfig, LayerClustering
+from explorer.compress import compress, count_macs
+from explorer.data import normalize, synthetic_cifar10
+from explorer.training.centripetal import CentripetalGroups, project, projected_clustering
+from explorer.training.loop import memory_format, resolve_precision
+from explorer.training.narrow import expand_pruned, narrow_from_tied, write_back
+from explorer.training.tied import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "checkpoints" / "resnet20_cifar10.pt"
+HALF = {f"layer{s}.{b}.conv1": w // 2 for s, w in zip((1, 2, 3), (16, 32, 64)) for b in range(3)}
+# MACs of ResNet20 with every block's first conv at half its filters and the second conv reading
+# half its channels (counted by hand in _half_macs_by_hand).
+HALF_MACS = 20_497_024
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_cifar10(120, 40, seed=3)
+
+
+def _half_macs_by_hand() -> int:
+    total = 3 * 16 * 9 * 1024  # stem
+    cin = 16
+    for c, hw in ((16, 1024), (32, 256), (64, 64)):
+        for b in range(3):
+            k = c // 2
+            total += cin * k * 9 * hw + k * c * 9 * hw  # conv1 (Cin -> k), conv2 (k -> C)
+            cin = c
+    return total + 64 * 10
+
+
+def test_half_macs_hand_computed():
+    assert _half_macs_by_hand() == HALF_MACS
+
+
+def test_narrow_net_is_the_tied_net_at_the_compressed_macs(data):
+    base = positive_bn_model(1)
+    cfg = ClusteringConfig(ks=HALF, fold_bn=True)
+    _, _, small, tied, merged = prepare(base, cfg, data, 100)
+    assert merged == set(HALF)
+    narrow = narrow_from_tied(tied, merged).eval()
+    x = normalize(data.test_images[:16])
+    with torch.no_grad():
+        ref = tied(x)
+        assert float((narrow(x) - ref).abs().max()) < 1e-4 * max(1.0, float(ref.abs().max()))
+    assert count_macs(narrow) == count_macs(small) == HALF_MACS
+    assert tuple(narrow.get_submodule("layer2.1.conv1").weight.shape) == (16, 32, 3, 3)
+    assert tuple(narrow.get_submodule("layer2.1.conv2").weight.shape) == (32, 16, 3, 3)
+
+
+def test_write_back_keeps_the_trained_narrow_function(data):
+    base = positive_bn_model(2)
+    _, _, _, tied, merged = prepare(base, ClusteringConfig(ks=HALF, fold_bn=True), data, 100)
+    narrow = narrow_from_tied(tied, merged).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in narrow.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    out = copy.deepcopy(tied)
+    write_back(narrow, out, merged)
+    x = normalize(data.test_images[:16])
+    with torch.no_grad():
+        want = narrow(x)
+        assert float((out(x) - want).abs().max()) < 1e-4 * max(1.0, float(want.abs().max()))
+        # and what was trained really moved: the written-back net is not the old one
+        assert float((tied(x) - want).abs().max()) > 1e-2
+
+
+def _groups(model, labels: dict[str, np.ndarray]):
+    layers = {n: LayerClustering(n, int(lab.max()) + 1, lab, np.zeros((1, 1), np.float32), 0.0,
+                                 np.zeros((1, 1), np.float32), model.get_submodule(n).weight.detach().clone(),
+                                 None, torch.ones(len(lab)))
+              for n, lab in labels.items()}
+    return Clustering(ClusteringConfig(ks={n: int(lab.max()) + 1 for n, lab in labels.items()}, fold_bn=True), layers)
+
+
+def test_centripetal_pull_shrinks_differences_by_the_strength():
+    model = positive_bn_model(3).train()
+    labels = {"layer1.0.conv1": np.arange(16) % 4}
+    cl = _groups(model, labels)
+    groups = CentripetalGroups(model, cl)
+    before = groups.spread()
+    groups.pull(0.25)
+    assert groups.spread() == pytest.approx(0.75 * before, rel=1e-5)
+    groups.pull(1.0)
+    w = model.get_submodule("layer1.0.conv1").weight
+    assert torch.allclose(w[0], w[4]) and torch.allclose(w[0], w[12]) and not torch.allclose(w[0], w[1])
+
+
+def test_centripetal_gradients_are_cluster_means():
+    model = positive_bn_model(4).train()
+    labels = {"layer2.0.conv1": np.arange(32) % 5}
+    groups = CentripetalGroups(model, _groups(model, labels))
+    x = torch.randn(4, 3, 32, 32)
+    model(x).square().sum().backward()
+    g0 = model.get_submodule("layer2.0.conv1").weight.grad.clone()
+    groups.average_gradients()
+    g = model.get_submodule("layer2.0.conv1").weight.grad
+    assert torch.allclose(g[0], (g0[0] + g0[5] + g0[10] + g0[15] + g0[20] + g0[25] + g0[30]) / 7, atol=1e-6)
+    assert torch.equal(g[0], g[30])
+
+
+def test_projected_net_merges_exactly(data):
+    model = positive_bn_model(5)
+    labels = {n: np.arange(c) % (c // 2) for n, c in (("layer1.1.conv1", 16), ("layer3.2.conv1", 64))}
+    cl = _groups(model, labels)
+    proj = project(model, CentripetalGroups(model, cl))
+    small = compress(proj, projected_clustering(proj, cl))
+    spec = {s.name: s for s in small.specs}
+    assert spec["layer1.1.conv1"].filters == 8 and not spec["layer1.1.conv1"].gathered
+    assert spec["layer3.2.conv2"].in_channels == 32
+    x = normalize(data.test_images[:16])
+    with torch.no_grad():
+        assert float((small(x) - proj(x)).abs().max()) < 1e-4
+
+
+def test_expanded_pruned_net_is_the_pruned_net(data):
+    base = positive_bn_model(6)
+    masked, kept = pruning.prune(base, HALF, "l1")
+    narrow = pruning.pruned_structure(masked, kept).eval()
+    with torch.no_grad():
+        for p in narrow.parameters():
+            p.mul_(1.01)
+    full = expand_pruned(narrow, masked, kept)
+    x = normalize(data.test_images[:16])
+    with torch.no_grad():
+        assert float((full(x) - narrow(x)).abs().max()) < 1e-4
+    dead = np.setdiff1d(np.arange(16), kept["layer1.0.conv1"])
+    assert float(full.get_submodule("layer1.0.conv1").weight[dead].abs().max()) == 0.0
+    assert count_macs(narrow) == HALF_MACS
+
+
+@pytest.mark.parametrize("extra", [("--method", "merged"), ("--pruning", "fpgm"), ("--method", "centripetal")])
+def test_finetune_cli_methods(tmp_path, extra):
+    cfg = tmp_path / "half.json"
+    cfg.write_text(json.dumps({"ks": HALF, "fold_bn": True}))
+    name = "m_" + extra[1]
+    rc = finetune_main(["--config", str(cfg), "--checkpoint", str(CHECKPOINT), "--synthetic", "40", "--batch-size",
+                        "20", "--threads", "1", "--epochs", "1", "--cutout", "0", "--out", str(tmp_path),
+                        "--name", name, "--quiet", *extra])
+    assert rc == 0
+    meta = json.loads((tmp_path / f"{name}.json").read_text())
+    assert meta["status"] == "complete"
+    assert meta["finetune"]["method_name"] == ("pruned" if extra[0] == "--pruning" else extra[1])
+    macs = meta["compression"]["macs"]
+    assert macs == HALF_MACS
+    for f in meta["compressed_export"]:
+        assert Path(f).is_file()
+    model = ckpt.load_model(tmp_path / f"{name}.pt")  # the app and the CLIs load it
+    assert model.get_submodule("layer1.0.conv1").weight.shape == (16, 16, 3, 3)
+
+
+def test_precision_auto_matches_the_hardware():
+    cpu = torch.device("cpu")
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert memory_format("fp32", cpu) == torch.contiguous_format
+    assert memory_format("bf16", cpu) == torch.channels_last
