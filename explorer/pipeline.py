@@ -158,16 +158,23 @@ class Explorer:
         a single draw, ``seeds=1``): ``{"seeds": [...], "top1": [...], "min", "median", "max"}``
         (fractions). A measurement of how much the draw matters, not a choice: nothing is picked
         by these test accuracies. Each run is cached like :meth:`run`. ``stop()``, when given, is
-        asked before each seed; if it returns True the spread is abandoned (raises
+        asked before each seed and again between its clustering (k-means and recovery) and its
+        evaluation, so a caller that waits in ``stop`` for other work holds the engine for one
+        evaluation at most; if it returns True the spread is abandoned (raises
         :class:`SpreadAbandoned`)."""
         import statistics
         from dataclasses import replace
 
         tops = []
         for s in range(seeds):
+            cfg = replace(config, seed=s, seeds=1)
             if stop is not None and stop():
                 raise SpreadAbandoned(config.key())
-            tops.append(self.run(replace(config, seed=s, seeds=1)).evaluation.top1)
+            if stop is not None and cfg.active and self.cached(cfg) is None:
+                self._prune(cfg)
+                if stop():
+                    raise SpreadAbandoned(config.key())
+            tops.append(self.run(cfg).evaluation.top1)
         return {"seeds": list(range(seeds)), "top1": tops, "min": min(tops),
                 "median": statistics.median(tops), "max": max(tops)}
 

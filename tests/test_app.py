@@ -101,7 +101,7 @@ def sliders(at) -> dict[str, int]:
 
 @pytest.mark.realdata
 def test_page_runs_on_real_data(app_env):
-    at = make_app().run()  # default projection: UMAP, started in the background (PCA preview meanwhile)
+    at = make_app().run()
     no_exception(at)
     assert url_warnings(at) == []
     assert metric(at, "Pruned top-1") == metric(at, "Baseline top-1")  # nothing clustered yet
@@ -109,10 +109,18 @@ def test_page_runs_on_real_data(app_env):
     assert sliders(at) == {f"k.{l.name}": l.filters for l in CONV_LAYERS}
     assert any("of 10,000 test images correct" in c.value for c in at.caption)
     assert at.query_params == {"ckpt": NAME}  # canonical URL: defaults left out
+    # One section at a time (URL ``tab``), only it built: per-class first.
+    assert at.segmented_control(key="tab").value == "per_class"
+    assert len(at.get("vega_lite_chart")) == 2 and not at.download_button  # per-class x2
+    at.segmented_control(key="tab").set_value("confusion").run()
+    assert len(at.get("vega_lite_chart")) == 3 and at.query_params["tab"] == "confusion"
+    at.segmented_control(key="tab").set_value("downloads").run()
     labels = [d.label for d in at.download_button]
     assert labels == ["Configuration (JSON)", "Compressed model (.zip)", "Per-class accuracy (CSV)",
                       "Confusion matrices (CSV)"]
-    assert len(at.get("vega_lite_chart")) >= 6  # per-class x2, confusion x3, filters
+    at.segmented_control(key="tab").set_value("filters").run()  # default projection: UMAP, started in the
+    no_exception(at)                                            # background (PCA preview meanwhile)
+    assert any("conv1: 16 filters, not clustered" in c.proto.spec for c in at.get("vega_lite_chart"))
 
 
 @pytest.mark.realdata
@@ -146,7 +154,8 @@ def test_preview_label_says_what_it_is():
 @pytest.mark.realdata
 def test_url_reproduces_configuration(app_env, reference):
     _, expected = reference
-    q = {"ckpt": NAME, "k.layer3.2.conv2": "8", "metric": "euclidean", "layer": "layer3.2.conv2", "proj": "pca"}
+    q = {"ckpt": NAME, "k.layer3.2.conv2": "8", "metric": "euclidean", "layer": "layer3.2.conv2", "proj": "pca",
+         "tab": "filters"}
     at = make_app(q).run()
     no_exception(at)
     assert url_warnings(at) == []
@@ -157,7 +166,8 @@ def test_url_reproduces_configuration(app_env, reference):
     assert at.selectbox(key="opt.metric").value == "euclidean"
     assert metric(at, "Pruned top-1") == charts.pct(expected.evaluation.top1)
     # The URL is rewritten to its canonical form (default options left out), which reproduces the same view.
-    assert at.query_params == {"ckpt": NAME, "k.layer3.2.conv2": "8", "layer": "layer3.2.conv2", "proj": "pca"}
+    assert at.query_params == {"ckpt": NAME, "k.layer3.2.conv2": "8", "layer": "layer3.2.conv2", "proj": "pca",
+                               "tab": "filters"}
 
 
 @pytest.mark.realdata
@@ -245,7 +255,7 @@ def test_checkpoint_in_training_is_labelled_and_explorable(app_env, monkeypatch,
 def test_umap_view_finishes_in_background(app_env):
     """The first test started this process's UMAP (numba compile) for conv1 in the background; the page
     showed a PCA preview meanwhile. Wait for it, then the 2D view is a UMAP with n_neighbors=5."""
-    at = make_app().run()
+    at = make_app({"tab": "filters"}).run()
     deadline = time.time() + TIMEOUT
     while any("Computing UMAP" in i.value for i in at.info) and time.time() < deadline:
         time.sleep(5)
@@ -255,7 +265,7 @@ def test_umap_view_finishes_in_background(app_env):
     charts_json = [c.proto.spec for c in at.get("vega_lite_chart")]
     assert any("conv1: 16 filters, not clustered (UMAP, n_neighbors=5)" in s for s in charts_json)
     # Centroids for a clustered 16-filter layer land in the map fitted on the filters (no re-fit).
-    at2 = make_app({"k.conv1": "4"}).run()
+    at2 = make_app({"k.conv1": "4", "tab": "filters"}).run()
     deadline = time.time() + TIMEOUT
     while any("Computing UMAP" in i.value for i in at2.info) and time.time() < deadline:
         time.sleep(2)
@@ -273,11 +283,12 @@ def test_parse_query_defaults_and_roundtrip():
     assert (view.layer, view.proj) == (state.DEFAULT_LAYER, state.DEFAULT_PROJECTION)
     cfg = ClusteringConfig(ks={"conv1": 3, "layer3.2.conv2": 64, "layer2.0.conv1": 7}, metric="cosine", fold_bn=True,
                            recalibrate_bn=500, seed=4)
-    v = state.ViewState("b", cfg, "layer2.0.conv1", "pca")
+    v = state.ViewState("b", cfg, "layer2.0.conv1", "pca", "confusion")
     q = state.view_query(v)
+    assert q["tab"] == "confusion" and "tab" not in state.view_query(state.ViewState("b", cfg))  # default left out
     assert q["ckpt"] == "b" and q["k.layer2.0.conv1"] == "7" and "k.layer3.2.conv2" not in q  # 64 = unchanged
     back, warns = state.parse_query(q, ["a", "b"])
-    assert warns == [] and back.config.key() == cfg.key() and (back.ckpt, back.layer, back.proj) == ("b", "layer2.0.conv1", "pca")
+    assert warns == [] and back.config.key() == cfg.key() and (back.ckpt, back.layer, back.proj, back.tab) == ("b", "layer2.0.conv1", "pca", "confusion")
 
 
 @pytest.mark.parametrize("params, needle", [
@@ -289,6 +300,7 @@ def test_parse_query_defaults_and_roundtrip():
     ({"ckpt": "../../etc/passwd"}, "not available"),
     ({"layer": "layer1.0.bn1"}, "not a conv layer"),
     ({"proj": "tsne"}, "not one of"),
+    ({"tab": "everything"}, "not one of"),
     ({"metric": ["cosine", "bogus"]}, "not one of"),
     ({"what\u00e9ver": "1"}, "unknown URL parameter"),
 ])

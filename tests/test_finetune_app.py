@@ -135,7 +135,7 @@ def app_dirs(monkeypatch, tmp_path):
     return p58_tiny_env(monkeypatch, tmp_path, allow_training=True), tmp_path / "logs"
 
 
-Q = {"ckpt": P58, "proj": "pca", "space": "weight", "recovery": "none"}
+Q = {"ckpt": P58, "proj": "pca", "space": "weight", "recovery": "none", "tab": "finetune"}
 
 
 def test_app_fine_tune_tab_starts_a_run_and_shows_how_it_ended(app_dirs):
@@ -203,7 +203,7 @@ def test_fine_tuned_result_is_in_the_picker_with_its_export(finetuned, monkeypat
     monkeypatch.setenv("EXPLORER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("EXPLORER_LOG_DIR", str(tmp_path / "logs"))
     monkeypatch.setenv("EXPLORER_ENGINE_PRECISION", "fp32")
-    at = make_app({"ckpt": "base_ft", "proj": "pca", "space": "weight", "recovery": "none"}).run()
+    at = make_app({"ckpt": "base_ft", "proj": "pca", "space": "weight", "recovery": "none", "tab": "downloads"}).run()
     no_exception(at)
     picker = at.selectbox(key="ckpt")
     assert picker.value == "base_ft" and any(o.startswith("base_ft - ") and "top-1" in o for o in picker.options)

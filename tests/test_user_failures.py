@@ -125,7 +125,7 @@ def test_app_layer_above_its_distinct_filters_gives_a_message_not_a_traceback(ti
     """p58's layer1.0.conv1 holds 9 distinct filters; with it open in "Filters in 2D" and its slider
     at 12, the page (2D view included) shows the clean message, and the slider names the limit."""
     at = make_app({"ckpt": P58, "layer": "layer1.0.conv1", "proj": "pca", "space": "weight",
-                   "recovery": "none"}).run()
+                   "recovery": "none", "tab": "filters"}).run()
     no_exception(at)
     slider = at.slider(key="k.layer1.0.conv1")
     assert "k\u00a0≤\u00a09" in slider.label and "only 9 distinct filters" in slider.help

@@ -7,8 +7,17 @@ the charts from :mod:`.charts`, the widget state from :mod:`.state`.
 Sharing: the model, data and baseline evaluation are loaded once per process (``st.cache_resource``,
 keyed by the weights' content) and never mutated. A slider change re-runs only the ``explore``
 fragment; a layer or projection change only its own fragment.
+
+What a slider move costs the page beyond the engine (docs/app.md, "How fast the page answers"):
+the headline is computed and drawn first (the labelled preview as soon as it exists); then only the
+section picked in the ``tab`` switch is built (a segmented control, not ``st.tabs``, which builds
+every hidden tab on every run); its charts' Vega-Lite specs are cached by content (:func:`chart`),
+so an unchanged chart (the baseline's confusion matrix, a configuration seen before) costs a
+dictionary look-up; and the seed spread waits until the page is idle (:mod:`.spread`).
 """
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import streamlit as st
@@ -19,6 +28,7 @@ from .. import data as data_mod
 from .. import limits, projection
 from ..clustering import (GRANULARITIES, MAX_N_INIT, MAX_RECALIBRATION_IMAGES, MAX_SEED, MAX_SEEDS, METRICS,
                           RECOVERIES, SPACES, ClusteringConfig, ClusteringError)
+from ..lru import LRUCache
 from ..model import CONV_LAYERS, conv_layer
 from ..pipeline import Explorer
 from . import charts, sidebar, spread, state
@@ -31,6 +41,8 @@ METRIC_HELP = {"euclidean": "k-means on the raw filters",
 SPACE_LABELS = {"weight": "weights", "data": "data-aware (output error)"}
 SPACE_HELP = {"weight": "distances between the filters' weights",
               "data": "distances in the layer's output error on 512 training images (Sigma-weighted)"}
+TAB_LABELS = {"per_class": "Per-class accuracy", "confusion": "Confusion matrices", "filters": "Filters in 2D",
+              "downloads": "Downloads", "finetune": "Fine-tune"}
 RECOVERY_LABELS = {"none": "none", "bn": "BN re-estimation", "lsq": "least squares"}
 RECOVERY_HELP = {"none": "centroids as they are",
                  "bn": "re-estimate BatchNorm statistics on training images",
@@ -80,6 +92,36 @@ def slider_help(name: str, limit: int) -> str:
                  f"layer): k can be 1..{limit} (k = {limit} is the net as it is) or {l.filters}; a k between them "
                  f"cannot be clustered")
     return text
+
+
+# ---------------------------------------------------------------- charts, cached by content
+
+_SPECS = LRUCache(256)  # process-wide: Vega-Lite specs (a few kB each) by what they draw
+
+
+def _vega_spec(chart) -> dict:
+    """What ``st.altair_chart`` sends for ``chart`` (Streamlit's own conversion where it has one)."""
+    try:
+        from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec
+    except ImportError:  # another Streamlit: Altair's own dict (theme defaults included)
+        return chart.to_dict()
+    return _convert_altair_to_vega_lite_spec(chart)
+
+
+def chart(key: tuple, build, **kw) -> None:
+    """Draw the Altair chart ``build()`` under ``key`` (everything it depends on, e.g. the numbers it
+    shows): built and converted once per key and process, then drawn from the cached spec. Building
+    and converting a confusion heatmap costs about 0.1 s on this machine; a cached one nothing."""
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = _vega_spec(build())
+        _SPECS.put(key, spec)
+    st.vega_lite_chart(spec=copy.copy(spec), **kw)  # Streamlit reassigns top-level keys of the spec it is given
+
+
+def _numbers(*arrays) -> tuple:
+    """A hashable key for charts of these arrays (their bytes, shapes and dtypes)."""
+    return tuple((a.tobytes(), a.shape, str(a.dtype)) for a in map(np.asarray, arrays))
 
 
 # ---------------------------------------------------------------- results
@@ -137,11 +179,12 @@ def seed_spread_section(exp: Explorer, config: ClusteringConfig) -> None:
 
 def per_class_section(result) -> None:
     cmp = result.comparison
+    key = _numbers(cmp.baseline.confusion, cmp.pruned.confusion) + (tuple(cmp.baseline.classes),)
     left, right = st.columns([3, 2])
     with left:
-        st.altair_chart(charts.per_class_chart(cmp), width="stretch", height=320)
+        chart(("per_class",) + key, lambda: charts.per_class_chart(cmp), width="stretch", height=320)
     with right:
-        st.altair_chart(charts.per_class_delta_chart(cmp), width="stretch", height=320)
+        chart(("per_class_delta",) + key, lambda: charts.per_class_delta_chart(cmp), width="stretch", height=320)
     st.dataframe(charts.per_class_display(cmp), hide_index=True, width="stretch",
                  column_config={"baseline %": st.column_config.NumberColumn(format="%.1f%%"),
                                 "pruned %": st.column_config.NumberColumn(format="%.1f%%"),
@@ -151,15 +194,19 @@ def per_class_section(result) -> None:
 def confusion_section(result) -> None:
     cmp = result.comparison
     classes = list(cmp.baseline.classes)
+
+    def heatmap(matrix, title, kind="counts"):
+        chart(("confusion", kind, title, tuple(classes)) + _numbers(matrix),
+              lambda: charts.confusion_chart(matrix, classes, title, kind), width="content")
+
     left, right = st.columns(2)
     with left:
-        st.altair_chart(charts.confusion_chart(cmp.baseline.confusion, classes, "Baseline"), width="content")
+        heatmap(cmp.baseline.confusion, "Baseline")
     with right:
-        st.altair_chart(charts.confusion_chart(cmp.pruned.confusion, classes, "Pruned"), width="content")
+        heatmap(cmp.pruned.confusion, "Pruned")
     left, right = st.columns(2)
     with left:
-        st.altair_chart(charts.confusion_chart(cmp.confusion_delta, classes, "Difference (pruned - baseline)", "delta"),
-                        width="content")
+        heatmap(cmp.confusion_delta, "Difference (pruned - baseline)", "delta")
     with right:
         st.markdown("**Largest changes**")
         changes = charts.biggest_changes(cmp)
@@ -306,48 +353,72 @@ def controls(limit_of: dict[str, int] | None = None) -> None:
                               help=slider_help(l.name, limit))
 
 
-@st.fragment
-def explore(exp: Explorer, name: str) -> None:
-    """Clustering controls (sidebar) and everything that depends on them (main area). A slider
-    change re-runs only this fragment."""
-    controls(limits.layer_limits(exp.model, state.current_config()))
-    config = state.current_config()
-    state.sync_url()
-    head = st.container()
-    tabs = st.tabs(["Per-class accuracy", "Confusion matrices", "Filters in 2D", "Downloads", "Fine-tune"])
-    with tabs[2]:
-        projection_section(exp, config)
-    with tabs[4]:  # drawn first, so that a configuration that cannot be applied still says why here
-        finetuning.section(exp.model, config)
-    with head:
-        preview = st.empty()
-        try:
-            limits.check(exp.model, config)
-            if config.active and exp.cached(config) is None:
-                # A quick, labelled answer first (2,000 images, bf16), replaced by the full result.
-                ev = exp.preview(config)
-                preview.info(sup.preview_text(exp, ev), icon=":material/hourglass_top:")
-            with st.spinner(f"Clustering {len(config.active)} layers and evaluating on the full test split...",
-                            show_time=True):
-                result = exp.run(config)
-        except ClusteringError as e:
-            preview.empty()
-            st.error(f"This configuration cannot be applied: {e}")
-            return
+def tab_switch() -> str:
+    """The section switch under the headline (URL ``tab``): only the section it names is built."""
+    st.segmented_control("Section", list(state.TABS), key="tab", required=True, format_func=TAB_LABELS.__getitem__,
+                         label_visibility="collapsed")
+    return st.session_state.get("tab") or state.DEFAULT_TAB
+
+
+def results(exp: Explorer, config: ClusteringConfig):
+    """The headline of ``config`` (a labelled preview first when it is not cached) and the seed
+    spread; returns its :class:`~explorer.pipeline.PruneResult`, or None (with an st.error) when the
+    configuration cannot be applied."""
+    preview = st.empty()
+    try:
+        limits.check(exp.model, config)
+        if config.active and exp.cached(config) is None:
+            # A quick, labelled answer first (2,000 images, bf16), replaced by the full result.
+            ev = exp.preview(config)
+            preview.info(sup.preview_text(exp, ev), icon=":material/hourglass_top:")
+        with st.spinner(f"Clustering {len(config.active)} layers and evaluating on the full test split...",
+                        show_time=True):
+            result = exp.run(config)
+    except ClusteringError as e:
         preview.empty()
-        headline(result, exp)
-        st.caption(recovery_caption(result))
-        if config.active:
-            st.fragment(seed_spread_section)(exp, config)
-    with tabs[0]:
+        st.error(f"This configuration cannot be applied: {e}")
+        return None
+    preview.empty()
+    headline(result, exp)
+    st.caption(recovery_caption(result))
+    if config.active:
+        st.fragment(seed_spread_section)(exp, config)
+    else:
+        spread.cancel(exp)
+    return result
+
+
+def tab_section(tab: str, result, exp: Explorer, name: str, config: ClusteringConfig) -> None:
+    """The one section shown. The 2D view and Fine-tune say themselves why a configuration that
+    cannot be applied has nothing to show (``result`` None); the others are then left out."""
+    if tab == "filters":
+        projection_section(exp, config)
+    elif tab == "finetune":
+        finetuning.section(exp.model, config)
+    elif result is None:
+        return
+    elif tab == "per_class":
         per_class_section(result)
-    with tabs[1]:
+    elif tab == "confusion":
         confusion_section(result)
-    with tabs[3]:
+    elif tab == "downloads":
         downloads_section(result, exp, name)
         finetuning.export_downloads(name)
         with st.expander("Configuration JSON"):
             st.code(sup.config_json(config).decode(), language="json")
+
+
+@st.fragment
+def explore(exp: Explorer, name: str) -> None:
+    """Clustering controls (sidebar) and everything that depends on them (main area). A slider
+    change re-runs only this fragment: the headline first, then the one section picked."""
+    with spread.page_run():
+        controls(limits.layer_limits(exp.model, state.current_config()))
+        config = state.current_config()
+        state.sync_url()
+        result = results(exp, config)
+        tab = tab_switch()
+        tab_section(tab, result, exp, name, config)
 
 
 # ---------------------------------------------------------------- opening a checkpoint

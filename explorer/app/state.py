@@ -2,7 +2,7 @@
 lenient parsing and canonical form (:func:`parse_query`, :func:`view_query`, :func:`split_page`,
 pure functions), and the only code that reads or writes the widget-state keys the view lives in:
 ``ckpt``, ``opt.<option>`` (:func:`opt_key`), ``k.<layer>`` (:func:`k_key`), ``layer``, ``proj``,
-``uniform_k`` and the page switch ``nav.page``.
+``tab``, ``uniform_k`` and the page switch ``nav.page``.
 
 The flow: on a session's first run the URL is parsed into a view and written into the widgets'
 keys (:func:`put_view`); the widgets own the state from then on, and the URL is rewritten from
@@ -26,7 +26,10 @@ from .support import UPLOAD_PREFIX
 DEFAULT_LAYER = "conv1"
 DEFAULT_PROJECTION = "umap"
 DEFAULT_UNIFORM_K = 8
-VIEW_KEYS = ("ckpt", "layer", "proj")
+# The Explorer's sections, one shown at a time (only the shown one is built): URL ``tab``.
+TABS = ("per_class", "confusion", "filters", "downloads", "finetune")
+DEFAULT_TAB = "per_class"
+VIEW_KEYS = ("ckpt", "layer", "proj", "tab")
 # Every ClusteringConfig option is a URL parameter and an ``opt.<name>`` widget key; the stream ks
 # are one ``s.<stage>`` key per stage instead (:func:`s_key`), like the layers' ``k.<layer>``.
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ClusteringConfig) if f.name not in ("ks", "stream"))
@@ -39,7 +42,7 @@ EXPLORER_STATE_PREFIXES = ("k.", "opt.", STREAM_KEY)
 # best (docs/recovery.md: data-aware k-means + least squares). The library's defaults stay plain
 # k-means without recovery; the URL names space and recovery whenever they differ from these.
 APP_DEFAULTS = {"space": "data", "recovery": "lsq"}
-EXPLORER_STATE_KEYS = ("layer", "proj", "uniform_k")
+EXPLORER_STATE_KEYS = ("layer", "proj", "uniform_k", "tab")
 
 
 def k_key(layer: str) -> str:
@@ -65,6 +68,7 @@ class ViewState:
     config: ClusteringConfig
     layer: str = DEFAULT_LAYER
     proj: str = DEFAULT_PROJECTION
+    tab: str = DEFAULT_TAB
 
 
 # ---------------------------------------------------------------- URL <-> view (pure)
@@ -117,12 +121,19 @@ def parse_query(params: Mapping[str, object], checkpoints: list[str]) -> tuple[V
             proj = raw
         else:
             warns.append(f"proj={raw[:20]!r} is not one of {', '.join(METHODS)}; using {DEFAULT_PROJECTION}")
+    tab = DEFAULT_TAB
+    if "tab" in params:
+        raw = last_value(params["tab"]).strip().lower()
+        if raw in TABS:
+            tab = raw
+        else:
+            warns.append(f"tab={raw[:20]!r} is not one of {', '.join(TABS)}; showing {DEFAULT_TAB}")
     known = set(VIEW_KEYS) | set(CONFIG_KEYS) | set(STREAMLIT_KEYS)
     unknown = [k for k in params if k not in known and not k.startswith(("k.", STREAM_KEY))]
     if unknown:
         shown = ", ".join(repr(k[:30]) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         warns.append(f"ignored unknown URL parameter{'s' if len(unknown) > 1 else ''} {shown}")
-    return ViewState(name, config, layer, proj), warns
+    return ViewState(name, config, layer, proj, tab), warns
 
 
 def with_app_defaults(params: Mapping[str, object]) -> dict:
@@ -144,7 +155,7 @@ def app_default_config() -> ClusteringConfig:
 def view_query(view: ViewState) -> dict[str, str]:
     """Canonical query parameters of a view: ``ckpt`` always (so a shared link keeps naming its
     checkpoint even when others are added), then the configuration's non-default options and every
-    clustered layer's ``k.<layer>``, then ``layer``/``proj`` when not at their defaults."""
+    clustered layer's ``k.<layer>``, then ``layer``/``proj``/``tab`` when not at their defaults."""
     q: dict[str, str] = {}
     if view.ckpt:
         q["ckpt"] = view.ckpt
@@ -163,6 +174,8 @@ def view_query(view: ViewState) -> dict[str, str]:
         q["layer"] = view.layer
     if view.proj != DEFAULT_PROJECTION:
         q["proj"] = view.proj
+    if view.tab != DEFAULT_TAB:
+        q["tab"] = view.tab
     return q
 
 
@@ -200,7 +213,8 @@ def put_view(view: ViewState, only_missing: bool) -> None:
     if view.ckpt is not None and (not only_missing or "ckpt" not in ss):
         ss["ckpt"] = view.ckpt
     write_config(view.config, only_missing)
-    for key, value in (("layer", view.layer), ("proj", view.proj), ("uniform_k", DEFAULT_UNIFORM_K)):
+    for key, value in (("layer", view.layer), ("proj", view.proj), ("tab", view.tab),
+                       ("uniform_k", DEFAULT_UNIFORM_K)):
         if not only_missing or key not in ss:
             ss[key] = value
 
@@ -217,7 +231,8 @@ def current_config() -> ClusteringConfig:
 
 def current_view() -> ViewState:
     ss = _ss()
-    return ViewState(ss.get("ckpt"), current_config(), ss.get("layer", DEFAULT_LAYER), ss.get("proj", DEFAULT_PROJECTION))
+    return ViewState(ss.get("ckpt"), current_config(), ss.get("layer", DEFAULT_LAYER), ss.get("proj", DEFAULT_PROJECTION),
+                     ss.get("tab") or DEFAULT_TAB)
 
 
 def sync_url() -> None:

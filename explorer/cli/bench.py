@@ -1,16 +1,20 @@
-"""``python -m explorer.bench``: the live path against the naive one (:mod:`explorer.analysis.benchmark`)."""
+"""``python -m explorer.bench``: the live path against the naive one (:mod:`explorer.analysis.benchmark`);
+with ``--browser``, what the page adds in a real browser (:mod:`explorer.analysis.browser_bench`)."""
 from __future__ import annotations
 
 import json
 import sys
 
 from ..analysis.benchmark import exactness, format_recovery_cost, format_table, recovery_cost, run as run_benchmark
+from ..analysis.browser_bench import MOVES, format_load, format_moves, run_load, run_moves
 from ..analysis.results import default_checkpoint
 from .common import DATA_HELP, parser
 
 EXAMPLES = """
 python -m explorer.bench              # table; --json for scripts
 python -m explorer.bench --exactness  # 45 configurations against fp32 (docs/exactness.json)
+python -m explorer.bench --browser    # per slider move: browser vs engine time (Chromium + streamlit run)
+python -m explorer.bench --browser --load --browser-sessions 8 --minutes 3   # 8 sessions at once
 """
 
 
@@ -30,8 +34,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recovery", action="store_true",
                    help="instead: time what least-squares recovery adds to a slider move (--changes changes, "
                         "none vs lsq vs data+lsq in the same run)")
+    b = p.add_argument_group("browser (--browser): streamlit run + headless Chromium via Playwright")
+    b.add_argument("--browser", action="store_true",
+                   help="instead: time slider moves in a real browser against the engine (see docs/app.md)")
+    b.add_argument("--load", action="store_true", help="with --browser: N sessions at once for D minutes")
+    b.add_argument("--layers", default=",".join(MOVES), help="layers moved to k = 1 and back, comma-separated")
+    b.add_argument("--pause", type=float, default=None,
+                   help="seconds after each answer before the next key (default 2; 1 with --load)")
+    b.add_argument("--browser-sessions", type=int, default=8, help="--load: browser sessions at once")
+    b.add_argument("--minutes", type=float, default=3.0, help="--load: minutes each session moves sliders")
+    b.add_argument("--threads", type=int, default=None, help="EXPLORER_THREADS of the server (default torch's)")
+    b.add_argument("--timeout", type=float, default=900, help="seconds one answer may take before it is an error")
     args = p.parse_args(argv)
     try:
+        if args.browser or args.load:
+            if args.load:
+                r = run_load(args.checkpoint, args.data, args.browser_sessions, args.minutes, args.seed,
+                             1.0 if args.pause is None else args.pause, args.timeout, args.threads)
+                print(json.dumps(r, indent=2) if args.json else format_load(r))
+                return 0 if r["exceptions"] == 0 and r["all_sessions_own_results"] and r["rss_under_limit"] else 1
+            r = run_moves(args.checkpoint, args.data, [x for x in args.layers.split(",") if x],
+                          2.0 if args.pause is None else args.pause, args.timeout, args.threads)
+            print(json.dumps(r, indent=2) if args.json else format_moves(r))
+            return 0
         if args.recovery:
             r = recovery_cost(args.checkpoint, args.data, args.changes, args.seed)
             print(json.dumps(r, indent=2) if args.json else format_recovery_cost(r))
