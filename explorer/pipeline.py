@@ -6,6 +6,7 @@ evaluation on the full test split, per-class deltas, compression report), cached
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,28 @@ from .data import CIFAR10Tensors, load_cifar10
 from .engine import FastEvaluator
 from .evaluate import Comparison, Evaluation, evaluate
 from .lru import LRUCache
+
+
+# What the explorer app shows when its URL does not say: the space and recovery the shipped
+# analysis found best (docs/recovery.md: data-aware k-means + least squares). The library's own
+# ClusteringConfig defaults stay plain k-means without recovery.
+APP_DEFAULTS = {"space": "data", "recovery": "lsq"}
+
+
+def app_default_config() -> ClusteringConfig:
+    """The configuration of the app's empty URL: nothing clustered, the app's space and recovery."""
+    return ClusteringConfig(**APP_DEFAULTS)
+
+
+def with_app_defaults(params: Mapping[str, object]) -> dict:
+    """URL query ``params`` with the app's default space and recovery filled in where they name
+    neither (a ``recalibrate_bn`` alone keeps its older meaning, BN re-estimation)."""
+    out = dict(params)
+    if "space" not in out:
+        out["space"] = APP_DEFAULTS["space"]
+    if "recovery" not in out and "recalibrate_bn" not in out:
+        out["recovery"] = APP_DEFAULTS["recovery"]
+    return out
 
 
 @dataclass(frozen=True)

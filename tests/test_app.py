@@ -621,3 +621,20 @@ def test_concurrent_sessions_get_their_own_results(ckpt_dir, jpeg_root, referenc
     _assert_bounded(shared)
     _assert_bounded(ref)
     assert len(clustering._CACHE) <= clustering._CACHE.maxsize
+
+
+@pytest.mark.realdata
+def test_stream_url_shows_the_stream_clustered_net(app_env, reference):
+    """A URL with a stream k (s.<stage>) sets that stage's stream slider and the headline shows the
+    stream-clustered net's own result (checked against an independent Explorer)."""
+    from explorer.clustering import ClusteringConfig
+    from explorer.pipeline import APP_DEFAULTS
+
+    exp, _ = reference
+    at = make_app({"ckpt": NAME, "s.1": "12", "fold_bn": "1"}).run()
+    no_exception(at)
+    assert at.slider(key="s.1").value == 12 and at.slider(key="s.2").value == 32
+    want = exp.run(ClusteringConfig(stream={1: 12}, fold_bn=True, **APP_DEFAULTS))
+    assert metric(at, "Pruned top-1") == charts.pct(want.evaluation.top1)
+    assert "residual stream of stage 1" in " ".join(c.value for c in at.caption)
+    assert want.compression.macs == 36_606_592  # the stem and stage-1 conv2s write 12 channels

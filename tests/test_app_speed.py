@@ -194,3 +194,11 @@ def test_seed_spread_thread_runs_at_lower_priority(monkeypatch):
     monkeypatch.setattr(spread, "IDLE_S", 0.0)
     spread.request(Probe(), ClusteringConfig(ks={"conv1": 3}), seeds=1).result(timeout=10)
     assert seen["nice"] >= min(19, os.getpriority(os.PRIO_PROCESS, 0) + spread.NICE)
+
+
+def test_browser_bench_formats_top1_as_the_page():
+    from explorer.analysis import browser_bench
+    from explorer.app import charts
+
+    for x in (0.91234, 0.8913, 0.1, 0.0):
+        assert browser_bench._pct_text(x) == charts.pct(x)

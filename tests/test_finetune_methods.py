@@ -22,7 +22,10 @@ from explorer.data import normalize, synthetic_cifar10
 from explorer.training.centripetal import CentripetalGroups, project, projected_clustering
 from explorer.training.loop import memory_format, resolve_precision
 from explorer.training.narrow import expand_pruned, narrow_from_tied, write_back
+from explorer.training.finetune import list_finetuned
 from explorer.training.tied import prepare
+from explorer.analysis.baselines import finetuned_table
+from explorer.analysis.charts import finetuned_comparison_chart
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "checkpoints" / "resnet20_cifar10.pt"
@@ -153,28 +156,58 @@ def test_expanded_pruned_net_is_the_pruned_net(data):
     with torch.no_grad():
         assert float((full(x) - narrow(x)).abs().max()) < 1e-4
     dead = np.setdiff1d(np.arange(16), kept["layer1.0.conv1"])
-    assert float(full.get_submodule("layer1.0.conv1").weight[dead].abs().max()) == 0.0
+    assert float(full.get_submodule("layer1.0.conv1").weight.detach()[dead].abs().max()) == 0.0
     assert count_macs(narrow) == HALF_MACS
 
 
-@pytest.mark.parametrize("extra", [("--method", "merged"), ("--pruning", "fpgm"), ("--method", "centripetal")])
-def test_finetune_cli_methods(tmp_path, extra):
-    cfg = tmp_path / "half.json"
-    cfg.write_text(json.dumps({"ks": HALF, "fold_bn": True}))
-    name = "m_" + extra[1]
-    rc = finetune_main(["--config", str(cfg), "--checkpoint", str(CHECKPOINT), "--synthetic", "40", "--batch-size",
-                        "20", "--threads", "1", "--epochs", "1", "--cutout", "0", "--out", str(tmp_path),
-                        "--name", name, "--quiet", *extra])
-    assert rc == 0
-    meta = json.loads((tmp_path / f"{name}.json").read_text())
+METHOD_RUNS = {"merged": ("--method", "merged"), "fpgm": ("--pruning", "fpgm"),
+               "centripetal": ("--method", "centripetal")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One tiny 1-epoch run of each method into one directory: {run name: metadata}."""
+    out = tmp_path_factory.mktemp("methods")
+    cfg = out / "half.json"
+    cfg.write_text(json.dumps({"ks": HALF, "fold_bn": True, "recovery": "lsq"}))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, extra in METHOD_RUNS.items():
+            rc = finetune_main(["--config", str(cfg), "--checkpoint", str(CHECKPOINT), "--synthetic", "40",
+                                "--batch-size", "20", "--threads", "1", "--epochs", "1", "--cutout", "0",
+                                "--out", str(out), "--name", f"base_{name}_ft", "--quiet", *extra])
+            assert rc == 0
+    finally:
+        torch.set_num_threads(n)
+    return out, {m["name"]: m for m in list_finetuned(out)}
+
+
+@pytest.mark.parametrize("name", list(METHOD_RUNS))
+def test_finetune_cli_methods(runs, name):
+    out, metas = runs
+    meta = metas[f"base_{name}_ft"]
     assert meta["status"] == "complete"
-    assert meta["finetune"]["method_name"] == ("pruned" if extra[0] == "--pruning" else extra[1])
-    macs = meta["compression"]["macs"]
-    assert macs == HALF_MACS
+    assert meta["finetune"]["method_name"] == ("pruned" if name == "fpgm" else name)
+    assert meta["compression"]["macs"] == HALF_MACS
     for f in meta["compressed_export"]:
         assert Path(f).is_file()
-    model = ckpt.load_model(tmp_path / f"{name}.pt")  # the app and the CLIs load it
+    model = ckpt.load_model(out / f"base_{name}_ft.pt")  # the app and the CLIs load it
     assert model.get_submodule("layer1.0.conv1").weight.shape == (16, 16, 3, 3)
+    assert len(meta["recovery"]) == 2 and meta["recovery"][0]["test_top1"] == meta["before"]["top1"]
+
+
+def test_comparison_after_finetuning_table_and_chart(runs):
+    _, metas = runs
+    t = finetuned_table(list(metas.values()))
+    assert sorted(t["method"]) == ["clustering (weight space, centripetal)", "clustering (weight space, merged)",
+                                   "pruning (fpgm)"]
+    assert set(t["epochs"]) == {1} and set(t["recovery"]) == {"lsq"}
+    assert t["mac_reduction"].round(6).nunique() == 1  # equal MACs: the comparison is at one point
+    spec = finetuned_comparison_chart(t).to_dict()
+    assert spec["facet"]["column"]["field"] == "budget"
+    still = dict(metas["base_fpgm_ft"], status="training")
+    assert len(finetuned_table([still])) == 0
 
 
 def test_precision_auto_matches_the_hardware():

@@ -82,3 +82,37 @@ def table(doc: dict):
             out.append({"label": label, **{k: r[k] for k in ("method", "recovery", "top1", "drop_pts", "macs",
                                                               "mac_reduction")}})
     return pd.DataFrame(out)
+
+
+def method_label(meta: dict) -> str:
+    """How a fine-tuned run reduced the net, from its metadata: "pruning (fpgm)", "clustering
+    (data-aware, merged)", "clustering (weight space, centripetal)"..."""
+    ft = meta.get("finetune", {})
+    name = ft.get("method_name", "tied")
+    if name == "pruned":
+        return f"pruning ({ft.get('pruning')})"
+    space = "data-aware" if meta.get("clustering", {}).get("space") == "data" else "weight space"
+    return f"clustering ({space}, {name})"
+
+
+def finetuned_table(metas: list[dict]):
+    """Finished fine-tuning runs (metadata of :func:`explorer.training.finetune.list_finetuned`) as
+    a DataFrame, one row per run: name, method (:func:`method_label`), recovery it started from,
+    epochs, distill, mac_reduction, before and after top-1 (fractions), drop_pts (after, vs the
+    baseline). Runs still training are left out; their numbers are not comparable yet."""
+    import pandas as pd
+
+    rows = []
+    for m in metas:
+        if m.get("status") != "complete" or not m.get("after") or not m.get("compression"):
+            continue
+        hp = m["finetune"].get("hyperparameters", {})
+        base = float(m["baseline"]["top1"])
+        rows.append({"name": m["name"], "method": method_label(m),
+                     "recovery": m.get("clustering", {}).get("recovery", "none"),
+                     "epochs": int(m.get("epochs_done", hp.get("epochs", 0))), "distill": float(hp.get("distill", 0)),
+                     "mac_reduction": float(m["compression"]["mac_reduction"]),
+                     "before": float(m["before"]["top1"]), "after": float(m["after"]["top1"]),
+                     "drop_pts": 100.0 * (base - float(m["after"]["top1"])) + 0.0})
+    return pd.DataFrame(rows, columns=["name", "method", "recovery", "epochs", "distill", "mac_reduction", "before",
+                                       "after", "drop_pts"])

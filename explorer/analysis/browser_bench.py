@@ -221,7 +221,7 @@ class Step:
 
 def plan(layers=MOVES) -> list[Step]:
     """The moves of :func:`run_moves`: each layer to k = 1 from the unclustered view, then back."""
-    from ..app.state import app_default_config
+    from ..pipeline import app_default_config
     from ..model import conv_layer
 
     base, steps = app_default_config(), []
@@ -234,8 +234,7 @@ def plan(layers=MOVES) -> list[Step]:
 def engine_times(explorer, steps: list[Step]) -> None:
     """Time each step's configuration as the page computes it (a preview when not cached, then the
     full run), in order, on ``explorer``; fills ``step.engine`` (seconds, top-1, correct count)."""
-    from ..app import charts
-    from ..app.state import app_default_config
+    from ..pipeline import app_default_config
 
     explorer.run(app_default_config())  # the page's first answer: nothing clustered
     for step in steps:
@@ -245,9 +244,14 @@ def engine_times(explorer, steps: list[Step]) -> None:
         t_preview = time.perf_counter() - t
         result = explorer.run(step.config)
         total = time.perf_counter() - t
-        step.engine = {"engine_s": total, "engine_preview_s": t_preview, "top1": charts.pct(result.evaluation.top1),
+        step.engine = {"engine_s": total, "engine_preview_s": t_preview, "top1": _pct_text(result.evaluation.top1),
                        "correct": f"{int(np.trace(result.evaluation.confusion)):,} of "
                                   f"{int(result.evaluation.confusion.sum()):,} test images correct"}
+
+
+def _pct_text(fraction: float) -> str:
+    """Top-1 as the page's headline writes it (explorer.app.charts.pct: one decimal)."""
+    return f"{100 * fraction:.1f}%"
 
 
 def _load_explorer(checkpoint: Path, data_root: str | None):
@@ -369,16 +373,18 @@ def run_load(checkpoint: str | Path, data_root: str | None = None, sessions: int
         peak = server.peak_rss_mb()
         tracebacks = server.tracebacks()
     _log("independent evaluation of each session's final configuration")
-    from ..app import charts, state
+    from ..clustering import ClusteringConfig
+    from ..pipeline import with_app_defaults
 
     explorer = _load_explorer(checkpoint, data_root)
     for r in results:
         if r.get("final_query") is None:
             continue
-        view, warns = state.parse_query(r["final_query"], [checkpoint.stem])
-        r["final_expected"] = charts.pct(explorer.run(view.config).evaluation.top1)
+        query = {k: v for k, v in r["final_query"].items() if k not in ("ckpt", "layer", "proj", "tab")}
+        config, warns = ClusteringConfig.from_query(with_app_defaults(query))
+        r["final_expected"] = _pct_text(explorer.run(config).evaluation.top1)
         r["final_ok"] = (r["final_expected"] == r["final_shown"] and not warns
-                         and dict(view.config.active) == r["final_slider_ks"])  # its URL names its own sliders
+                         and dict(config.active) == r["final_slider_ks"])  # its URL names its own sliders
     times = [t for r in results for t in r["times"]]
     return {
         "sessions": sessions, "minutes": minutes, "pause_s": pause_s, "moves": len(times),

@@ -195,6 +195,26 @@ def recovery_comparison_chart(half: pd.DataFrame, seed: int = 0,
     ).properties(width=620, height=300, title=_title(title, subtitle))
 
 
+def finetuned_comparison_chart(df: pd.DataFrame, title: str = "Clustering vs pruning after fine-tuning",
+                               subtitle: str | None = None) -> alt.Chart:
+    """Top-1 (x) before and after fine-tuning (colour) per run (y), one panel per (MACs, epochs)
+    budget. ``df``: :func:`.baselines.finetuned_table`."""
+    d = df.copy()
+    d["budget"] = [f"{100 * m:.1f}% fewer MACs, {e} epochs" for m, e in zip(d["mac_reduction"], d["epochs"])]
+    d["run"] = [f"{m} [{n}]" for m, n in zip(d["method"], d["name"])]
+    long = d.melt(id_vars=["budget", "run", "method", "name", "drop_pts"], value_vars=["before", "after"],
+                  var_name="when", value_name="top1")
+    return alt.Chart(long).mark_bar().encode(
+        x=alt.X("top1:Q", title="top-1", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("method:N", title=None, sort=None),
+        yOffset=alt.YOffset("when:N", sort=["before", "after"]),
+        color=alt.Color("when:N", sort=["before", "after"], title="fine-tuning"),
+        tooltip=["budget:N", "run:N", "when:N", alt.Tooltip("top1:Q", format=".2%"),
+                 alt.Tooltip("drop_pts:Q", title="pp lost after", format=".2f")],
+    ).properties(width=300, height=160).facet(column=alt.Column("budget:N", title=None)).properties(
+        title=_title(title, subtitle))
+
+
 def baselines_chart(df: pd.DataFrame, title: str = "Clustering vs pruning at the same MACs, before fine-tuning",
                     subtitle: str | None = None) -> alt.Chart:
     """Top-1 (x) per method (y) and recovery (colour), one panel per MACs point. ``df``:

@@ -345,6 +345,18 @@ def build_report(explorer, out: Path, sensitivity_path: Path | None, search_path
         d.chart("baselines", charts.baselines_chart(bt, subtitle=data_name))
         numbers["baselines"] = bt.to_dict("records")
 
+    # 4c. clustering vs pruning after the same fine-tuning
+    ftt = baselines.finetuned_table(ft_metas)
+    if not ftt.empty and ftt["method"].str.startswith("pruning").any():
+        d.heading("Clustering vs pruning after fine-tuning")
+        d.para("Each run starts from its reduced net after least squares (training images only) and trains the same "
+               "smaller structure with the same loop, recipe and number of epochs. Top-1 on the test split, fp32.")
+        d.table([{"run": r.name, "method": r.method, "epochs": r.epochs, "distill": f"{r.distill:g}",
+                  "MACs saved": f"{100 * r.mac_reduction:.1f}%", "before": pct(r.before), "after": pct(r.after),
+                  "drop (pp)": f"{r.drop_pts:.2f}"} for r in ftt.itertuples()])
+        d.chart("finetuned_comparison", charts.finetuned_comparison_chart(ftt, subtitle=data_name))
+        numbers["finetuned_comparison"] = ftt.to_dict("records")
+
     # 5. fine-tuning
     d.heading("Fine-tuning recovery")
     done = [m for m in ft_metas if m.get("recovery")]

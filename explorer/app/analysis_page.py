@@ -249,6 +249,27 @@ def baselines_section(path: Path, checkpoint: Path | None) -> None:
                "width for both). Same MACs, the same recoveries on the same training images, the same test split.")
 
 
+def finetuned_comparison_section(metas: list[dict], checkpoint: Path | None) -> None:
+    """Clustering against pruning after the same fine-tuning budget (finished runs of this base)."""
+    st.subheader("Clustering vs pruning after fine-tuning")
+    t = baselines.finetuned_table(metas)
+    if t.empty or not t["method"].str.startswith("pruning").any():
+        st.caption("No pruning baseline fine-tuned for this checkpoint yet: "
+                   f"`{command('finetune', '--config CFG.json --pruning fpgm --epochs 30', checkpoint)}` beside "
+                   f"`{command('finetune', '--config CFG.json --method merged --epochs 30', checkpoint)}`")
+        return
+    st.altair_chart(acharts.finetuned_comparison_chart(t), width="content")
+    show = t.assign(**{"MACs saved %": 100 * t["mac_reduction"], "before %": 100 * t["before"],
+                       "after %": 100 * t["after"], "pp lost": t["drop_pts"]})
+    st.dataframe(show[["name", "method", "recovery", "epochs", "distill", "MACs saved %", "before %", "after %",
+                       "pp lost"]], hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%.2f")
+                                for c in ("MACs saved %", "before %", "after %", "pp lost")})
+    st.caption("Each run starts from the reduced net after its recovery (least squares on training images) and "
+               "trains the same smaller structure with the same loop, recipe and epochs; top-1 on the test split, "
+               "fp32.")
+
+
 def best_configurations(doc: dict) -> list[dict]:
     """One entry per budget searched (sorted by objective, budget): budget, objective, run key and
     the best verified record for it (:func:`explorer.search.best_record` with the run's options;
@@ -471,6 +492,7 @@ def render(ctx) -> None:
     recovery_section(sens_path, info.path)
     st.divider()
     baselines_section(ckpt_dir / f"{name}{BASELINES_SUFFIX}", info.path)
+    finetuned_comparison_section(ft_metas, info.path)
     st.divider()
     search_section(search_path, name, info.path, ft_metas, view)
     st.divider()

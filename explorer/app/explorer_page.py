@@ -144,7 +144,9 @@ def headline(result, exp: Explorer) -> None:
     correct = int(np.trace(ev.confusion))
     base_correct = int(np.trace(cmp.baseline.confusion))
     st.caption(f"{correct:,} of {n:,} test images correct (baseline {base_correct:,}) · "
-               f"{len(result.config.active)} of {len(CONV_LAYERS)} conv layers clustered · "
+               f"{len(result.config.active)} of {len(CONV_LAYERS)} conv layers clustered"
+               + (f" + residual stream of stage {', '.join(map(str, result.config.active_stream))}"
+                  if result.config.active_stream else "") + " · "
                f"{exp.data.identity.name}")
 
 
@@ -367,11 +369,12 @@ def results(exp: Explorer, config: ClusteringConfig):
     preview = st.empty()
     try:
         limits.check(exp.model, config)
-        if config.active and exp.cached(config) is None:
+        if config.clustered and exp.cached(config) is None:
             # A quick, labelled answer first (2,000 images, bf16), replaced by the full result.
             ev = exp.preview(config)
             preview.info(sup.preview_text(exp, ev), icon=":material/hourglass_top:")
-        with st.spinner(f"Clustering {len(config.active)} layers and evaluating on the full test split...",
+        streams = f" and {len(config.active_stream)} residual streams" if config.active_stream else ""
+        with st.spinner(f"Clustering {len(config.active)} layers{streams} and evaluating on the full test split...",
                         show_time=True):
             result = exp.run(config)
     except ClusteringError as e:
@@ -381,7 +384,7 @@ def results(exp: Explorer, config: ClusteringConfig):
     preview.empty()
     headline(result, exp)
     st.caption(recovery_caption(result))
-    if config.active:
+    if config.clustered:
         st.fragment(seed_spread_section)(exp, config)
     else:
         spread.cancel(exp)
@@ -414,6 +417,7 @@ def explore(exp: Explorer, name: str) -> None:
     change re-runs only this fragment: the headline first, then the one section picked."""
     with spread.page_run():
         controls(limits.layer_limits(exp.model, state.current_config()))
+        sidebar.stream_sliders(limits.stream_limits(exp.model))
         config = state.current_config()
         state.sync_url()
         result = results(exp, config)

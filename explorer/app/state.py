@@ -19,6 +19,7 @@ import streamlit as st
 
 from ..clustering import STREAM_KEY, ClusteringConfig
 from ..model import CONV_LAYER_NAMES, CONV_LAYERS, STREAM_STAGES, stream_width
+from ..pipeline import APP_DEFAULTS, app_default_config, with_app_defaults  # noqa: F401 (re-exported)
 from ..projection import METHODS
 from ..urlquery import last_value
 from .support import UPLOAD_PREFIX
@@ -38,10 +39,9 @@ PAGE_PARAM = "page"
 PAGES = {"explorer": "Explorer", "analysis": "Analysis"}
 NAV_KEY = "nav.page"
 EXPLORER_STATE_PREFIXES = ("k.", "opt.", STREAM_KEY)
-# What the app shows when the URL does not say: the space and recovery the shipped analysis found
-# best (docs/recovery.md: data-aware k-means + least squares). The library's defaults stay plain
-# k-means without recovery; the URL names space and recovery whenever they differ from these.
-APP_DEFAULTS = {"space": "data", "recovery": "lsq"}
+# What the app shows when the URL does not say (explorer.pipeline.APP_DEFAULTS, beside the Explorer
+# so that the benchmarks can time what the page computes without importing the app); the URL names
+# space and recovery whenever they differ from these.
 EXPLORER_STATE_KEYS = ("layer", "proj", "uniform_k", "tab")
 
 
@@ -134,22 +134,6 @@ def parse_query(params: Mapping[str, object], checkpoints: list[str]) -> tuple[V
         shown = ", ".join(repr(k[:30]) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         warns.append(f"ignored unknown URL parameter{'s' if len(unknown) > 1 else ''} {shown}")
     return ViewState(name, config, layer, proj, tab), warns
-
-
-def with_app_defaults(params: Mapping[str, object]) -> dict:
-    """``params`` with the app's default space and recovery filled in where the URL names neither
-    (a ``recalibrate_bn`` alone keeps its older meaning, BN re-estimation)."""
-    out = dict(params)
-    if "space" not in out:
-        out["space"] = APP_DEFAULTS["space"]
-    if "recovery" not in out and "recalibrate_bn" not in out:
-        out["recovery"] = APP_DEFAULTS["recovery"]
-    return out
-
-
-def app_default_config() -> ClusteringConfig:
-    """The configuration of an empty URL: nothing clustered, the app's default space and recovery."""
-    return ClusteringConfig(**APP_DEFAULTS)
 
 
 def view_query(view: ViewState) -> dict[str, str]:

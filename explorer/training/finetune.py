@@ -375,6 +375,7 @@ def _finetune_pruned(checkpoint, base, base_digest, config, ft, data, engine, ba
                      "pruning": ft.pruning, "recovery": config.recovery, "precision_used": precision, "macs": macs,
                      "kept": {n: [int(i) for i in k] for n, k in kept.items()}},
         "pruning": {"criterion": ft.pruning, "ks": dict(config.ks)},
+        "clustering": config.to_dict(),  # the layers and k that were pruned (the runs' common key)
         "baseline": {"top1": baseline.top1, "per_class": baseline.per_class_dict()},
         "before": {"top1": before.top1, "per_class": before.per_class_dict()},
         "torch": torch.__version__, "device": device.type,
