@@ -217,3 +217,21 @@ def test_precision_auto_matches_the_hardware():
     assert resolve_precision("fp32", cpu) == "fp32"
     assert memory_format("fp32", cpu) == torch.contiguous_format
     assert memory_format("bf16", cpu) == torch.channels_last
+
+
+def test_latency_table_loads_both_kinds_of_export(runs):
+    from explorer.analysis.latency import latency_table, load_export
+
+    out, metas = runs
+    exports = [out / "compressed" / f"base_{n}_ft.pt" for n in ("merged", "fpgm")]
+    x = normalize(synthetic_cifar10(10, 10, seed=5).test_images)
+    for e, name in zip(exports, ("merged", "fpgm")):
+        net = load_export(e)
+        plain = ckpt.load_model(out / f"base_{name}_ft.pt")
+        with torch.no_grad():  # the export computes what the saved (full-width) checkpoint computes
+            want = plain(x)  # (noise images: logits in the thousands, hence the relative bound)
+            assert float((net(x) - want).abs().max()) < 1e-5 * max(1.0, float(want.abs().max()))
+    rows = latency_table(exports, CHECKPOINT, batches=(2,), repeats=1)
+    assert [r["export"] for r in rows] == ["base_merged_ft", "base_fpgm_ft"]
+    assert all(r["macs"] == HALF_MACS and r["baseline_macs"] == 40_551_040 for r in rows)
+    assert all(r["torch_speedup"] > 0 and r["onnx_speedup"] > 0 for r in rows)

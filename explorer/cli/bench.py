@@ -7,12 +7,14 @@ import sys
 
 from ..analysis.benchmark import exactness, format_recovery_cost, format_table, recovery_cost, run as run_benchmark
 from ..analysis.browser_bench import MOVES, format_load, format_moves, run_load, run_moves
+from ..analysis.latency import format_latency, latency_table
 from ..analysis.results import default_checkpoint
 from .common import DATA_HELP, parser
 
 EXAMPLES = """
 python -m explorer.bench              # table; --json for scripts
 python -m explorer.bench --exactness  # 45 configurations against fp32 (docs/exactness.json)
+python -m explorer.bench --latency checkpoints/compressed/NAME.pt   # smaller net vs original, torch + ORT
 python -m explorer.bench --browser    # per slider move: browser vs engine time (Chromium + streamlit run)
 python -m explorer.bench --browser --load --browser-sessions 8 --minutes 3   # 8 sessions at once
 """
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recovery", action="store_true",
                    help="instead: time what least-squares recovery adds to a slider move (--changes changes, "
                         "none vs lsq vs data+lsq in the same run)")
+    p.add_argument("--latency", nargs="+", metavar="EXPORT.pt", default=None,
+                   help="instead: CPU latency of exported smaller nets (fine-tuning's compressed/ exports) against "
+                        "the original at batch 1 and 256, PyTorch and ONNX Runtime")
     b = p.add_argument_group("browser (--browser): streamlit run + headless Chromium via Playwright")
     b.add_argument("--browser", action="store_true",
                    help="instead: time slider moves in a real browser against the engine (see docs/app.md)")
@@ -56,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             r = run_moves(args.checkpoint, args.data, [x for x in args.layers.split(",") if x],
                           2.0 if args.pause is None else args.pause, args.timeout, args.threads)
             print(json.dumps(r, indent=2) if args.json else format_moves(r))
+            return 0
+        if args.latency:
+            rows = latency_table(args.latency, args.checkpoint)
+            print(json.dumps(rows, indent=2) if args.json else format_latency(rows))
             return 0
         if args.recovery:
             r = recovery_cost(args.checkpoint, args.data, args.changes, args.seed)

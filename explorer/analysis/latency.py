@@ -1,0 +1,108 @@
+"""Real CPU latency of exported smaller nets against the original ResNet20, in PyTorch and in ONNX
+Runtime (``python -m explorer.bench --latency EXPORT.pt ...``).
+
+An export is what fine-tuning writes to ``<out>/compressed/<name>.{pt,json,onnx}``: a clustered
+net (:class:`explorer.compress.CompressedResNet20`) or a pruned one (a ResNet20 whose blocks' first
+convs are narrower, ``"architecture": "resnet20-pruned"`` in its JSON). Each net runs fp32 in eval
+mode at each batch size, the original beside it in the same run; the figure is the median of
+``repeats`` timed passes after warm-up, and the ratio original / smaller is the speed-up.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import checkpoints as ckpt
+from ..compress import count_macs, export_onnx, load_compressed, measure_latency
+from ..model import resnet20
+
+
+def narrow_resnet20(state: dict[str, torch.Tensor]) -> nn.Module:
+    """A ResNet20 whose blocks' first convs have the widths of ``state`` (a pruned net's state
+    dict), loaded with it; eval mode. Raises KeyError/RuntimeError for a state dict of another net."""
+    model = resnet20()
+    for name, mod in list(model.named_modules()):
+        if name.endswith(".conv1") and name.startswith("layer"):
+            w = state[f"{name}.weight"]
+            block = model.get_submodule(name.rsplit(".", 1)[0])
+            k = w.shape[0]
+            block.conv1 = nn.Conv2d(w.shape[1], k, 3, block.conv1.stride, 1, bias=False)
+            block.bn1 = nn.BatchNorm2d(k)
+            block.conv2 = nn.Conv2d(k, block.conv2.out_channels, 3, 1, 1, bias=False)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_export(path: str | Path) -> nn.Module:
+    """The net of an export ``.pt`` (clustered or pruned, told by the JSON beside it). Raises
+    CheckpointError for an unreadable file."""
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("architecture") == "resnet20-pruned":
+        return narrow_resnet20(ckpt.load_torch(path))
+    return load_compressed(path)
+
+
+def onnx_latency(path: str | Path, batch: int, repeats: int = 10, warmup: int = 2, threads: int | None = None
+                 ) -> float:
+    """Median wall seconds of one ONNX Runtime pass (CPU execution provider) at ``batch`` images."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
+    times = []
+    for i in range(warmup + repeats):
+        t = time.perf_counter()
+        sess.run(None, {"images": x})
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def latency_table(exports: list[str | Path], base_checkpoint: str | Path, batches=(1, 256), repeats: int = 10
+                  ) -> list[dict]:
+    """One row per export and batch: name, batch, MACs of both nets, PyTorch seconds and speed-up,
+    ONNX Runtime seconds and speed-up (the export's ``.onnx`` against the original exported the
+    same way)."""
+    base = ckpt.load_model(base_checkpoint).eval()
+    base_macs = count_macs(base)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base_onnx = export_onnx(base, Path(tmp) / "base.onnx")
+        for e in exports:
+            e = Path(e)
+            net = load_export(e)
+            macs = count_macs(net)
+            onnx = e.with_suffix(".onnx")
+            for b in batches:
+                t_net, t_base = measure_latency(net, b, repeats), measure_latency(base, b, repeats)
+                row = {"export": e.stem, "batch": b, "macs": macs, "baseline_macs": base_macs,
+                       "mac_reduction": 1 - macs / base_macs, "torch_s": t_net, "torch_baseline_s": t_base,
+                       "torch_speedup": t_base / t_net}
+                if onnx.is_file():
+                    o_net, o_base = onnx_latency(onnx, b, repeats), onnx_latency(base_onnx, b, repeats)
+                    row.update(onnx_s=o_net, onnx_baseline_s=o_base, onnx_speedup=o_base / o_net)
+                rows.append(row)
+    return rows
+
+
+def format_latency(rows: list[dict]) -> str:
+    """The rows as a plain-text table (milliseconds, speed-ups as ratios)."""
+    lines = [f"{'export':40} {'batch':>5} {'MACs saved':>10} {'torch ms':>9} {'base ms':>8} {'x':>5} "
+             f"{'ORT ms':>8} {'base ms':>8} {'x':>5}"]
+    for r in rows:
+        ort = (f"{1e3 * r['onnx_s']:8.2f} {1e3 * r['onnx_baseline_s']:8.2f} {r['onnx_speedup']:5.2f}"
+               if "onnx_s" in r else f"{'-':>8} {'-':>8} {'-':>5}")
+        lines.append(f"{r['export']:40} {r['batch']:5d} {100 * r['mac_reduction']:9.1f}% {1e3 * r['torch_s']:9.2f} "
+                     f"{1e3 * r['torch_baseline_s']:8.2f} {r['torch_speedup']:5.2f} {ort}")
+    return "\n".join(lines)
