@@ -638,3 +638,20 @@ def test_stream_url_shows_the_stream_clustered_net(app_env, reference):
     assert metric(at, "Pruned top-1") == charts.pct(want.evaluation.top1)
     assert "residual stream of stage 1" in " ".join(c.value for c in at.caption)
     assert want.compression.macs == 36_606_592  # the stem and stage-1 conv2s write 12 channels
+
+
+@pytest.mark.realdata
+def test_seed_spread_runs_only_on_request(app_env, monkeypatch):
+    """The seed spread is not started by a slider move (on 2 cores it slowed the next move); its
+    button starts it for the configuration on screen."""
+    from explorer.app import spread
+
+    asked = []
+    real = spread.request
+    monkeypatch.setattr(spread, "request", lambda exp, config, *a, **k: asked.append(config) or real(exp, config, *a, **k))
+    at = make_app({"ckpt": NAME, "k.layer3.2.conv2": "8"}).run()
+    no_exception(at)
+    assert asked == [] and at.button(key="spread.go")
+    at.button(key="spread.go").click().run()
+    no_exception(at)
+    assert [dict(c.ks) for c in asked] == [{"layer3.2.conv2": 8}]

@@ -163,9 +163,18 @@ def recovery_caption(result) -> str:
 
 
 def seed_spread_section(exp: Explorer, config: ClusteringConfig) -> None:
-    """Top-1 over k-means seeds 0..4 for this configuration, computed in the background after the
-    main result (its own fragment, polling every 2 s until it is there)."""
-    fut = spread.request(exp, config)
+    """Top-1 over k-means seeds 0..4 for this configuration, on request: computed in the background
+    (its own fragment, polling every 2 s until it is there). Not started by itself: on 2 cores a
+    spread running behind the next slider move slowed that move by about a second (browser
+    benchmark, docs/app.md)."""
+    fut = spread.existing(exp, config)
+    if fut is None:
+        if st.button(f"Measure the seed spread ({spread.DEFAULT_SEEDS} k-means seeds)", key="spread.go",
+                     help="Top-1 of this configuration for k-means seeds 0..4 on the full test split, computed in "
+                          "the background while you look (a measurement: nothing is chosen by it)"):
+            fut = spread.request(exp, config)
+        else:
+            return
     if not fut.done():
         st.caption(f"Seed spread over {spread.DEFAULT_SEEDS} k-means seeds: computing in the background...")
         st.fragment(umap_poller, run_every=2)(fut)

@@ -87,6 +87,16 @@ def cancel(exp) -> None:
         _LATEST.pop(id(exp), None)
 
 
+def existing(exp, config: ClusteringConfig, seeds: int = DEFAULT_SEEDS) -> Future | None:
+    """The future of ``config``'s seed spread if one was requested (running or finished, not
+    abandoned), else None; starts nothing."""
+    with _LOCK:
+        fut = _FUTURES.get(_key(exp, config, seeds))
+    if fut is None or (fut.done() and isinstance(fut.exception(), SpreadAbandoned)):
+        return None
+    return fut
+
+
 def request(exp, config: ClusteringConfig, seeds: int = DEFAULT_SEEDS) -> Future:
     """The (possibly finished) future of ``config``'s seed spread on ``exp``; starts it if needed.
     Its result: ``{"seeds", "top1", "min", "median", "max"}`` (fractions)."""
