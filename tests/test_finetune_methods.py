@@ -235,3 +235,20 @@ def test_latency_table_loads_both_kinds_of_export(runs):
     assert [r["export"] for r in rows] == ["base_merged_ft", "base_fpgm_ft"]
     assert all(r["macs"] == HALF_MACS and r["baseline_macs"] == 40_551_040 for r in rows)
     assert all(r["torch_speedup"] > 0 and r["onnx_speedup"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("method", ["merged", "centripetal"])
+def test_finetune_keeps_a_clustered_residual_stream(tmp_path, method):
+    """A configuration with clustered streams fine-tunes with every method and keeps its structure:
+    the stem writes 12 channels, stage 3 reads 48, the export is as small as the clustered net."""
+    cfg = tmp_path / "stream.json"
+    cfg.write_text(json.dumps({"ks": {"layer1.0.conv1": 8}, "stream": {"1": 12, "3": 48}, "fold_bn": True}))
+    rc = finetune_main(["--config", str(cfg), "--checkpoint", str(CHECKPOINT), "--synthetic", "40", "--batch-size",
+                        "20", "--threads", "1", "--epochs", "1", "--cutout", "0", "--out", str(tmp_path),
+                        "--name", "s", "--quiet", "--method", method])
+    assert rc == 0
+    meta = json.loads((tmp_path / "s.json").read_text())
+    layers = {r["layer"]: r for r in meta["compression"]["layers"]}
+    assert layers["conv1"]["filters"] == 12 and layers["layer1.0.conv1"]["in_channels"] == 12
+    assert layers["layer1.0.conv1"]["filters"] == 8 and layers["layer3.2.conv2"]["out_channels"] == 48
+    assert meta["compression"]["macs"] == meta["finetune"]["macs"]  # the structure did not change while training

@@ -49,8 +49,11 @@ def section(model, config: ClusteringConfig) -> None:
         st.error(f"This configuration cannot be fine-tuned: {problem}", icon=":material/block:")
         return
     n = len(config.active)
-    st.caption(f"{n} layer{'s' if n > 1 else ''} clustered (" + ", ".join(f"{n}: k = {k}" for n, k in config.active.items())
-               + f"); {config.metric}, {config.granularity}{', BN folded' if config.fold_bn else ''}, "
+    parts = [f"{n}: k = {k}" for n, k in config.active.items()]
+    parts += [f"stage-{s} residual stream: k = {k}" for s, k in config.active_stream.items()]
+    st.caption(f"{n} layer{'s' if n != 1 else ''}" + (f" and {len(config.active_stream)} residual streams"
+                                                     if config.active_stream else "")
+               + " clustered (" + ", ".join(parts) + f"); {config.metric}, {config.granularity}{', BN folded' if config.fold_bn else ''}, "
                f"space {config.space}, recovery {config.recovery}.")
     with st.form("finetune_form"):
         a, b = st.columns(2)

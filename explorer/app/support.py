@@ -400,8 +400,9 @@ def finetune_problem(info: ckpt.CheckpointInfo | None, config: ClusteringConfig,
         config.validate()
     except ClusteringError as e:
         return str(e)
-    if not config.active:
-        return "nothing is clustered: set at least one layer's k below its filter count, then fine-tune"
+    if not config.clustered:
+        return ("nothing is clustered: set at least one layer's k below its filter count (or a residual stream's "
+                "k below its width), then fine-tune")
     if config.granularity != "filter":
         return ("fine-tuning keeps whole-filter clusters tied; kernel granularity cannot be fine-tuned, choose "
                 "granularity filter")

@@ -103,4 +103,4 @@ def projected_clustering(projected: nn.Module, clustering: Clustering) -> Cluste
     projected filters as replacement weights), for :func:`explorer.compress.compress`."""
     layers = {n: replace(r, weight=projected.get_submodule(n).weight.detach().clone(), bias=None)
               for n, r in clustering.layers.items()}
-    return Clustering(clustering.config, layers)
+    return replace(clustering, layers=layers)  # the clustered streams (labels) carry over

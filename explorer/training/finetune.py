@@ -35,6 +35,7 @@ from .. import checkpoints as ckpt
 from ..clustering import ClusteringConfig
 from ..compress import compress, count_macs, export_onnx, report, save_compressed
 from ..data import CLASSES, CIFAR10Tensors, normalize
+from ..model import conv_layer
 from ..digest import state_digest
 from ..engine import FastEvaluator
 from ..evaluate import Comparison, evaluate, per_class_table
@@ -233,8 +234,11 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
     device = pick_device(ft.device)
     precision = resolve_precision(ft.precision, device)
     fmt = memory_format(precision, device)
+    # Narrowed: the blocks' merged first convs. A clustered residual stream stays tied at full width
+    # while it trains (every writer and reader of it would have to narrow together).
+    narrowed = {n for n in merged if not conv_layer(n).residual}
     if ft.method == "merged":
-        trained = narrow_from_tied(tied, merged)
+        trained = narrow_from_tied(tied, narrowed)
     elif ft.method == "centripetal":
         trained = copy.deepcopy(base).float().train()
         for p in trained.parameters():
@@ -267,7 +271,7 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
     forward = torch.compile(trained) if ft.compile else trained
     rest = (config, clustering0, engine, before.top1, teacher, ft.distill, ft.temperature)
     if ft.method == "merged":
-        hooks = MergedHooks(trained, forward, tied, merged, *rest)
+        hooks = MergedHooks(trained, forward, tied, narrowed, *rest)
     elif ft.method == "centripetal":
         hooks = CentripetalHooks(trained, forward, ft.strength, *rest)
     else:

@@ -250,7 +250,7 @@ def tied_clustering(tied: nn.Module, config: ClusteringConfig, template: Cluster
         cent = t.centroids.detach().reshape(t.centroids.shape[0], -1).numpy().astype(np.float32)
         layers[name] = replace(old, weight=t.filters().float().contiguous(), scales=t.scales.clone(),
                                centroids=cent)
-    return Clustering(config, layers)
+    return replace(template, config=config, layers=layers)  # the clustered streams (labels) carry over
 
 
 def distinct_filters(weight: torch.Tensor) -> int:
@@ -276,7 +276,7 @@ def prepare(base: nn.Module, config: ClusteringConfig, data, rebase_images: int 
     """Cluster ``base`` with ``config`` and build the tied model. Returns (clustered model,
     clustering, compressed net, tied model, merged layers). Raises ClusteringError."""
     config.validate()
-    if not config.active:
+    if not config.clustered:
         raise ClusteringError("the configuration clusters no layer; nothing to fine-tune")
     model, clustering = prune(base, config, data.train_images, data.train_labels)  # labels: seeds > 1 picks on them
     small = compress(model, clustering)
