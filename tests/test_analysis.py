@@ -178,6 +178,97 @@ def test_greedy_backs_off_and_respects_the_budget_on_verified_numbers():
     assert r0.best["select_drop_pts"] == 0.0 and r0.best["config"]["ks"] == {}
 
 
+def _assert_stream_rules(cfg: ClusteringConfig) -> None:
+    """The option-A shortcut minimum and the writer rule, checked by hand (not only by validate)."""
+    from explorer.clustering import stream_min_k
+    from explorer.model import stream_writers
+
+    cfg.validate()
+    for s, k in cfg.active_stream.items():
+        assert k >= stream_min_k(s, cfg.active_stream), (s, k, cfg.active_stream)
+        assert s == 1 or k >= cfg.active_stream.get(s - 1, 16 * 2 ** (s - 2)) + 1
+        assert not set(stream_writers(s)) & set(cfg.active), (s, cfg.active)
+
+
+def _stream_fakes(drops, stream_drop):
+    """A fake cost (1,000 MACs per filter of the layers in ``drops``, 3,000 per stream channel) and a
+    fake evaluator (held-out drop: the sum of the layers' and streams' drops; the test drop 5 points
+    more, never chosen on) that checks the stream rules on every configuration it is asked for."""
+    from explorer.model import stream_width
+
+    seen = []
+
+    def cost(cfg):
+        return {"macs": sum(cfg.ks.get(n, conv_layer(n).filters) * 1000 for n in drops)
+                + sum(cfg.active_stream.get(s, stream_width(s)) * 3000 for s in (1, 2, 3)), "params": 0}
+
+    def evaluate(cfg, source):
+        _assert_stream_rules(cfg)
+        seen.append(cfg)
+        d = sum(drops[n][k] for n, k in cfg.ks.items()) + sum(stream_drop(s, k) for s, k in cfg.active_stream.items())
+        return {"config": cfg.to_dict(), "select_drop_pts": d, "drop_pts": d + 5.0, "top1": 0.9 - (d + 5) / 100,
+                **cost(cfg)}
+
+    return cost, evaluate, seen
+
+
+def test_greedy_stream_moves_by_hand():
+    """Stream moves on a fake net: free stream steps are taken (their cost probed exactly), a probe
+    over the budget backs the stage off, the shortcut minimum holds on every configuration, and a
+    stream's writers get no per-layer k once it is clustered (stage 3 before layer3.2.conv2 here)."""
+    from explorer.analysis.search import greedy
+
+    a, b, c = "layer3.2.conv2", "conv1", "layer2.0.conv1"
+    drops = {a: {64: 0.0, 32: 0.0}, b: {16: 0.0, 8: 0.0}, c: {32: 0.0, 16: 0.1}}
+
+    def stream_drop(s, k):
+        return {1: 0.0, 2: 0.3, 3: 0.0 if k >= 48 else 5.0}[s]
+
+    cost, evaluate, seen = _stream_fakes(drops, stream_drop)
+    r = greedy(evaluate, cost, drops, ClusteringConfig(fold_bn=True), budget=1.0, stream=(1, 2, 3))
+    # by hand (gain / (cost + 0.05)): stream 3 64->48 saves 48,000 for 0 (a's 32,000 loses) and then
+    # blocks a; stream 1 12, 8, 4 (each 12,000 for 0; conv1 is blocked after the first); c -> 16
+    # (16,000 / 0.15 beats stream 2's 24,000 / 0.35); stream 2 24 (cost 0.3), 16, 8 (each free: the
+    # drop stays 0.4); stream 3 -> 32 is probed at 5.4 > 1: rejected, stage 3 backs off.
+    moves = [(s.get("layer"), s.get("stream"), s["k"]) for s in r.accepted]
+    assert moves == [(None, 3, 48), (None, 1, 12), (None, 1, 8), (None, 1, 4), (c, None, 16), (None, 2, 24),
+                     (None, 2, 16), (None, 2, 8)]
+    assert [(s["stream"], s["k"], s["probe"]) for s in r.rejected] == [(3, 32, True)]
+    assert r.rejected[0]["select_drop_pts"] == pytest.approx(5.4)
+    assert r.accepted[5]["estimated_cost_pts"] == pytest.approx(0.3)  # exact: the probe's drop - the current one
+    assert r.best["config"] == {**ClusteringConfig(fold_bn=True).to_dict(), "ks": {c: 16},
+                                "stream": {"1": 4, "2": 8, "3": 48}}
+    assert r.best["select_drop_pts"] == pytest.approx(0.4) and all(s["select_drop_pts"] <= 1.0 for s in r.accepted)
+    assert not any(a in cfg.ks for cfg in seen) and not any(b in cfg.ks for cfg in seen)  # writer rule
+    assert r.evaluations == len(seen) - 1 == 13  # 9 moves + 4 probes that lost their round
+    # stream moves off: the older search, per-layer moves only
+    r0 = greedy(evaluate, cost, drops, ClusteringConfig(fold_bn=True), budget=1.0)
+    assert all("stream" not in s["config"] for s in r0.accepted + r0.rejected)
+    assert r0.best["config"]["ks"] == {a: 32, b: 8, c: 16}
+    # max_evals counts the probes too
+    assert greedy(evaluate, cost, drops, ClusteringConfig(fold_bn=True), budget=1.0, stream=(1, 2, 3),
+                  max_evals=2).evaluations == 2
+
+
+def test_greedy_offers_no_stream_move_to_a_stage_whose_writer_has_a_k():
+    """The other half of the writer rule: conv1 (a stage-1 writer) moves first (its saving is larger
+    than the stream's), so stage 1's stream is never clustered; stage 2's is."""
+    from explorer.analysis.search import greedy
+
+    drops = {"conv1": {16: 0.0, 8: 0.0, 4: 0.0, 2: 0.0, 1: 0.0}}
+    cost0, evaluate, seen = _stream_fakes(drops, lambda s, k: 0.0)
+
+    def cost(cfg):
+        return {"macs": cost0(cfg)["macs"] + 100_000 * cfg.ks.get("conv1", 16), "params": 0}
+
+    r = greedy(evaluate, cost, drops, ClusteringConfig(fold_bn=True), budget=0.0, stream=(1, 2))
+    assert r.accepted[0]["layer"] == "conv1"
+    assert not any(1 in cfg.active_stream for cfg in seen)
+    # stage 1's stream stays at 16 channels, so the option-A shortcut keeps stage 2 at 17 or more: 24
+    assert r.best["config"]["ks"] == {"conv1": 1} and r.best["config"]["stream"] == {"2": 24}
+    assert [(s.get("layer"), s.get("stream"), s["k"]) for s in r.accepted][-1] == (None, 2, 24)
+
+
 def test_search_verifies_budget_resumes_and_best_config(explorer, tmp_path):
     from explorer.analysis.search import best_config, best_record, load_search, pareto_front, pareto_table, run_search
 
@@ -218,6 +309,109 @@ def test_search_verifies_budget_resumes_and_best_config(explorer, tmp_path):
     table = pareto_table(path)
     assert len(table) == len(doc["evaluations"]) and table.pareto_macs.sum() == len(front)
     assert set(table.source) == {"greedy", "uniform"}
+
+
+def _paired_stage1_model():
+    """:func:`randomized_model` whose stage-1 residual stream carries every channel twice: channel
+    j + 8 of the stem and of every layer1 block's second conv (filters and BatchNorm) is a copy of
+    channel j. Clustering that stream to 8 is therefore lossless, and above 8 it cannot be clustered
+    (8 distinct channels)."""
+    m = randomized_model(5)
+    with torch.no_grad():
+        for conv, bn in [("conv1", "bn1")] + [(f"layer1.{b}.conv2", f"layer1.{b}.bn2") for b in range(3)]:
+            conv, bn = m.get_submodule(conv), m.get_submodule(bn)
+            conv.weight[8:] = conv.weight[:8]
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                t[8:] = t[:8]
+    return m
+
+
+def _stream_search(explorer, path, **kw):
+    from explorer.analysis.search import run_search
+
+    return run_search(explorer, path, [0.0, 100.0], ClusteringConfig(fold_bn=True), uniform_ks=(),
+                      layers=["layer3.2.conv1", "layer3.2.conv2"], grid=(32,), progress=False, spread_seeds=1,
+                      **{"stream": (1, 2, 3), **kw})
+
+
+def _choices(doc):
+    return {k: [(s.get("layer"), s.get("stream"), s["k"], s["select_drop_pts"]) for s in r["accepted"] + r["rejected"]]
+            + [json.dumps(r["best"]["config"], sort_keys=True)] for k, r in doc["runs"].items()}
+
+
+def test_search_with_stream_moves_takes_the_free_one_resumes_and_never_reads_the_test_split(tmp_path):
+    """A real (tiny) search with stream moves: the lossless stage-1 stream move (k = 8; 12 is above
+    its distinct channels) is taken even at budget 0, every evaluated configuration honours the
+    shortcut minimum and the writer rule, a rerun evaluates nothing, a rerun with other stream moves
+    is refused, and a test split of noise gives the same choices (held-out training images choose)."""
+    from dataclasses import replace
+
+    from explorer.analysis.search import best_record
+
+    model = _paired_stage1_model()
+    data = synthetic_cifar10(160, 40, seed=4)  # 40 held-out training images
+    ex = Counting(make_explorer(model, data, "paired", 64))
+    path = tmp_path / "paired.search.json"
+    doc = _stream_search(ex, path)
+    assert doc["header"]["stream_moves"] == {"stages": [1, 2, 3], "fractions": [0.75, 0.5, 0.25]}
+    runs = {r["budget"]: r for r in doc["runs"].values()}
+    first = runs[0.0]["accepted"][0]
+    assert (first.get("stream"), first["k"], first["select_drop_pts"]) == (1, 8, 0.0)
+    assert runs[0.0]["best"]["config"]["stream"]["1"] <= 8 and runs[0.0]["best"]["select_drop_pts"] <= 0.0
+    assert any(s.get("stream") == 2 for s in runs[100.0]["accepted"])  # with room, stage 2 too
+    # layer3.2.conv2 took its own k before stage 3's stream was clustered (it was probed, and lost):
+    # stage 3 is not offered again
+    steps = runs[100.0]["accepted"]
+    w = next(i for i, s in enumerate(steps) if s.get("layer") == "layer3.2.conv2")
+    assert not any(s.get("stream") == 3 for s in steps)
+    assert not any("3" in r["config"].get("stream", {}) and "layer3.2.conv2" in r["config"]["ks"]
+                   for r in doc["evaluations"].values())
+    assert all("layer3.2.conv2" in s["config"]["ks"] for s in steps[w:])
+    for b, r in runs.items():
+        assert all(s["select_drop_pts"] <= b for s in r["accepted"])
+        assert all(s["select_drop_pts"] > b for s in r["rejected"])
+    for rec in doc["evaluations"].values():
+        cfg = ClusteringConfig.from_dict(rec["config"])
+        _assert_stream_rules(cfg)
+        assert cfg.active_stream.get(1, 8) <= 8  # never above stage 1's distinct channels
+    assert best_record(doc, 0.0)["config"]["stream"]  # a stream-only configuration is a clustered one
+    assert best_record(doc, 0.0, options=ClusteringConfig(fold_bn=True)) is not None
+    # the stored record is the verified one
+    best = ClusteringConfig.from_dict(runs[100.0]["best"]["config"])
+    assert ex.e.run(best).evaluation.top1 == runs[100.0]["best"]["top1"]
+    # resume: nothing new; another stream setting is refused, as is a file searched without it
+    calls = ex.calls
+    _stream_search(ex, path)
+    assert ex.calls == calls
+    with pytest.raises(ResultsMismatch, match="stream moves"):
+        _stream_search(ex, path, stream=())
+    with pytest.raises(ResultsMismatch, match="stream moves"):
+        _stream_search(ex, path, stream=(1,))
+    with pytest.raises(ResultsMismatch, match="stream moves"):
+        _stream_search(ex, path, stream_fractions=(0.5,))
+    _stream_search(ex, tmp_path / "plain.search.json", stream=())
+    with pytest.raises(ResultsMismatch, match="stream moves null, now"):
+        _stream_search(ex, tmp_path / "plain.search.json")
+    # the test split swapped for noise (and its labels reversed): the same choices, other test numbers
+    noise = torch.randint(0, 256, data.test_images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+    noisy = replace(data, test_images=noise, test_labels=torch.flip(data.test_labels, [0]))
+    other = _stream_search(make_explorer(model, noisy, "paired", 64), tmp_path / "noisy.search.json")
+    assert _choices(other) == _choices(doc)
+    assert [r["top1"] for r in other["evaluations"].values()] != [r["top1"] for r in doc["evaluations"].values()]
+
+
+def test_search_stream_setting_is_checked():
+    from explorer.analysis.search import run_search, search_stream_setting
+    from explorer.clustering import ClusteringError
+
+    assert search_stream_setting(()) is None
+    assert search_stream_setting((3, 1, 1), (0.5, 0.75)) == {"stages": [1, 3], "fractions": [0.75, 0.5]}
+    with pytest.raises(ClusteringError, match="valid stages"):
+        search_stream_setting((4,))
+    with pytest.raises(ClusteringError, match=r"\(0, 1\)"):
+        search_stream_setting((1,), (1.0,))
+    with pytest.raises(ClusteringError, match="need fold_bn"):
+        run_search(None, "x.search.json", [1.0], ClusteringConfig(), stream=(1,))
 
 
 # ---------------------------------------------------------------- fine-tuning
@@ -366,6 +560,21 @@ def test_sensitivity_cli_on_synthetic_data(checkpoint, tmp_path, capsys):
     assert "2 points" in capsys.readouterr().out
     assert main(argv[:4] + ["--layers", "nope", "--out", str(out)]) == 2
     assert "unknown conv layer" in capsys.readouterr().err
+
+
+def test_search_cli_stream_flag(checkpoint, tmp_path, capsys):
+    from explorer.cli.search import main
+
+    out = tmp_path / "cli.search.json"
+    argv = ["--checkpoint", str(checkpoint), "--synthetic", "40", "--layers", "layer3.2.conv1", "--grid", "32",
+            "--uniform-ks", "--budget", "100", "--fold-bn", "--out", str(out), "--quiet", "--cache-mb", "16"]
+    assert main(argv + ["--stream", "1", "--stream-fractions", "0.5"]) == 0
+    assert "stream {'1': 8}" in capsys.readouterr().out  # 16 -> 8, then nothing below 8 on this grid
+    assert json.loads(out.read_text())["header"]["stream_moves"] == {"stages": [1], "fractions": [0.5]}
+    assert main(argv) == 2  # the same file without --stream: refused
+    assert "stream moves" in capsys.readouterr().err
+    assert main(argv + ["--stream", "4"]) == 2
+    assert "valid stages: 1, 2, 3" in capsys.readouterr().err
 
 
 def test_analysis_files_are_not_listed_as_checkpoints(checkpoint, tmp_path):

@@ -446,10 +446,12 @@ def test_compressed_equals_clustered_on_real_test_images(real_data, shipped_mode
 
 
 def test_search_and_sweep_refuse_a_stream_k(tmp_path):
+    """The search chooses stream ks itself (stream moves, tests/test_analysis.py); it does not start
+    from one. The sweep clusters one layer at a time."""
     from explorer.analysis.search import run_search
     from explorer.analysis.sensitivity import sweep
 
-    with pytest.raises(ClusteringError, match="the search moves per-layer k only; it does not take a stream k"):
+    with pytest.raises(ClusteringError, match="chooses stream ks itself with stream moves"):
         run_search(None, tmp_path / "x.search.json", [1.0], stream_config({1: 8}))
     with pytest.raises(ClusteringError, match="the sensitivity sweep clusters one layer at a time"):
         sweep(None, tmp_path / "x.sensitivity.json", None, [stream_config({1: 8})])

@@ -2,7 +2,8 @@
 
 Goal: choose k for every conv layer so that the compressed net (:mod:`explorer.compress`) has as
 few MACs per image as possible (``objective="params"``: unique parameters) while its top-1 on the
-test split is at most ``budget`` accuracy points below the unclustered checkpoint.
+test split is at most ``budget`` accuracy points below the unclustered checkpoint (measured on held-out
+training images: the test split never chooses). With ``--stream`` it also lowers residual-stream ks.
 
 Method (greedy with verification, deterministic):
 
@@ -16,6 +17,24 @@ Method (greedy with verification, deterministic):
    are ranked by their gain), and verify it by a full evaluation (exact fp32, whole test split).
 4. Accept the move if the verified drop is within the budget. Otherwise back off: layer L may from
    then on only take ks above k'. Repeat from 3 until no move is left or ``max_evals`` is spent.
+
+Residual-stream moves (``stream=(1, 2, 3)``, command line ``--stream``; off by default, so the
+shipped result files stay what they were). A stream move lowers one stage's stream k
+(:meth:`ClusteringConfig.with_stream`) one step down its grid: ``round(width * f)`` for the
+fractions ``stream_fractions`` (default 3/4, 1/2, 1/4: 12, 8, 4 for stage 1; 24, 16, 8; 48, 32,
+16), taking the largest grid value below the current k that is at least :func:`stream_min_k`
+(the option-A shortcut: one more than the previous stage's cluster count), above the stage's
+back-off floor, and within the checkpoint's distinct channels. There is no single-stage
+sensitivity table (a stage-2 or -3 k is only valid together with the earlier stages' ks), so a
+stream move's cost is *probed*: its configuration is evaluated on the held-out training images,
+and its exact cost (probed drop - current drop) ranks it with the layer moves by the same score.
+A probe is made only when the move could still win the round (gain / tau at least the best
+score so far), so a round costs at most one probe per stage. A chosen stream move needs no further
+verification (the probe is it); a probe over the budget is logged as rejected and backs the stage
+off like a layer. Writer rule (first come, first served): a stream writer
+(:func:`explorer.model.stream_writers`: the stem and ``layer<s>.*.conv2``) cannot also have a
+per-layer k, so once stage s's stream is clustered its writers get no per-layer moves, and stage
+s gets no stream move once one of its writers has a per-layer k. ``max_evals`` counts probes too.
 
 The best configuration is the accepted one with the lowest objective; every verified configuration
 is kept, so the result file also gives the accuracy-vs-MACs Pareto front. For comparison the
@@ -34,16 +53,17 @@ from pathlib import Path
 
 from .. import checkpoints as ckpt
 from .. import limits
-from ..clustering import ClusteringConfig, ClusteringError, apply, cluster_model
+from ..clustering import ClusteringConfig, ClusteringError, apply, cluster_model, stream_min_k
 from ..compress import compress, count_macs
-from ..model import CONV_LAYER_NAMES, conv_layer, count_parameters
-from .results import Evaluations, header, open_results, save_results
+from ..model import CONV_LAYER_NAMES, STREAM_STAGES, conv_layer, count_parameters, stream_width, stream_writers
+from .results import Evaluations, ResultsMismatch, header, open_results, save_results
 from .sensitivity import K_GRID, SUFFIX as SENS_SUFFIX, drop_table, load_sensitivity, options_key, sweep
 
 SUFFIX = ".search.json"
 OBJECTIVES = ("macs", "params")
 UNIFORM_KS = (1, 2, 3, 4, 8, 16, 32)
 DEFAULT_TAU = 0.05
+STREAM_FRACTIONS = (0.75, 0.5, 0.25)  # a stage's stream k grid: round(width * f)
 EPS = 1e-9  # drops are differences of fractions x 100: 1.0000000000000009 is 20 images of 2,000, within 1 point
 
 
@@ -110,20 +130,47 @@ class GreedyResult:
                 "stopped_by_max_evals": self.exhausted, "feasible": self.feasible}
 
 
+def stream_grid(stage: int, fractions=STREAM_FRACTIONS) -> list[int]:
+    """Stage ``stage``'s stream k grid, descending: ``round(width * f)`` for each fraction in (0, 1)."""
+    w = stream_width(stage)
+    return sorted({max(1, int(round(w * f))) for f in fractions if 0 < f < 1} - {w}, reverse=True)
+
+
+def next_stream_k(config: ClusteringConfig, stage: int, floor: int = 0, fractions=STREAM_FRACTIONS,
+                  admissible=None) -> int | None:
+    """The k of stage ``stage``'s next stream move from ``config``: the largest grid value below its
+    current k that honours the option-A shortcut (at least :func:`stream_min_k`), lies above
+    ``floor`` and passes ``admissible(config)`` (e.g. the checkpoint's distinct channels); None if
+    there is none."""
+    current = config.active_stream
+    k_cur = current.get(stage, stream_width(stage))
+    lo = max(floor + 1, stream_min_k(stage, current))
+    for k in stream_grid(stage, fractions):
+        if lo <= k < k_cur and (admissible is None or admissible(config.with_stream(stage, k))):
+            return k
+    return None
+
+
 def greedy(evaluate, cost, drops: dict[str, dict[int, float]], options: ClusteringConfig, budget: float,
            objective: str = "macs", tau: float = DEFAULT_TAU, max_evals: int = 200,
-           layers: list[str] | None = None, key: str = "select_drop_pts") -> GreedyResult:
+           layers: list[str] | None = None, key: str = "select_drop_pts", stream=(),
+           stream_fractions=STREAM_FRACTIONS, admissible=None) -> GreedyResult:
     """The greedy of the module doc. ``evaluate(config, source) -> record`` verifies a
     configuration (record has ``drop_pts`` and the objective); ``cost(config) -> {"macs", "params"}``
     is exact structure cost; ``drops[layer][k]`` is the single-layer sensitivity (points lost).
     Layers without sensitivity data are left unclustered. ``max_evals`` bounds the number of
     verifications (replayed ones count too, so a resumed run takes the same path). ``key``: the
     record's drop that the budget applies to; ``"select_drop_pts"`` (held-out training images) so
-    that the test split never chooses; ``"drop_pts"`` (test) reproduces the older, leaking runs."""
+    that the test split never chooses; ``"drop_pts"`` (test) reproduces the older, leaking runs.
+    ``stream``: the stages that get stream moves (module doc; () = none, the older search);
+    ``admissible(config) -> bool`` filters stream candidates (the checkpoint's distinct channels).
+    Accepted and rejected steps name ``"layer"`` or ``"stream"`` (the stage); a rejected stream
+    probe has ``"probe": True``."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}")
     layers = [n for n in (layers or CONV_LAYER_NAMES) if n in drops]
-    config = replace(options, ks={})
+    stages = [s for s in STREAM_STAGES if s in set(stream)]
+    config = replace(options, ks={}, stream={})
     current = evaluate(config, "greedy")
     res = GreedyResult(budget, objective, {**current, "step": 0})
     if current[key] > budget + EPS:
@@ -132,11 +179,15 @@ def greedy(evaluate, cost, drops: dict[str, dict[int, float]], options: Clusteri
         res.best, res.feasible = None, False
         return res
     floor = {n: 0 for n in layers}  # a layer may only take ks above its floor (after a back-off)
+    stream_floor = {s: 0 for s in stages}
     n_eval = 0
     while True:
         cur_cost = cost(config)[objective]
         best = None
+        taken = {n for s in config.active_stream for n in stream_writers(s)}  # writers of clustered streams
         for name in layers:
+            if name in taken:
+                continue
             n = conv_layer(name).filters
             k_cur = config.ks.get(name, n)
             d_cur = drops[name].get(k_cur, 0.0)  # k = n is the measured reference point
@@ -152,28 +203,65 @@ def greedy(evaluate, cost, drops: dict[str, dict[int, float]], options: Clusteri
                     continue
                 score = (gain / (est + tau), gain, -CONV_LAYER_NAMES.index(name), -k_new)
                 if best is None or score > best[0]:
-                    best = (score, name, k_new, est, gain, cand)
+                    best = (score, name, k_new, est, gain, cand, None)
+        # Stream moves: one step per stage, costed exactly by a probe on the held-out images.
+        moves = []
+        for s in stages:
+            if any(n in config.active for n in stream_writers(s)):
+                continue  # a writer already has its own k
+            k_new = next_stream_k(config, s, stream_floor[s], stream_fractions, admissible)
+            if k_new is None:
+                continue
+            cand = config.with_stream(s, k_new)
+            gain = cur_cost - cost(cand)[objective]
+            if gain > 0:
+                moves.append((gain, s, k_new, cand))
+        for gain, s, k_new, cand in sorted(moves, key=lambda m: (-m[0], m[1])):
+            if best is not None and gain / tau < best[0][0]:
+                continue  # cannot win this round whatever its cost
+            if n_eval >= max_evals:
+                res.exhausted = True
+                break
+            rec = evaluate(cand, "greedy")
+            n_eval += 1
+            est = max(0.0, rec[key] - current[key])
+            if rec[key] > budget + EPS:
+                stream_floor[s] = k_new
+                res.rejected.append(_step({"stream": s}, k_new, est, gain, rec, key, objective, probe=True))
+                continue
+            score = (gain / (est + tau), gain, -len(CONV_LAYER_NAMES) - s, -k_new)
+            if best is None or score > best[0]:
+                best = (score, ("stream", s), k_new, est, gain, cand, rec)
         if best is None:
             break
-        if n_eval >= max_evals:
-            res.exhausted = True
-            break
-        _, name, k_new, est, gain, cand = best
-        rec = evaluate(cand, "greedy")
-        n_eval += 1
-        step = {"layer": name, "k": k_new, "estimated_cost_pts": est, "gain": gain, "drop_pts": rec["drop_pts"], key: rec[key],
-                objective: rec[objective], "config": rec["config"]}
+        _, name, k_new, est, gain, cand, rec = best
+        if rec is None:  # a layer move: verify it
+            if n_eval >= max_evals:
+                res.exhausted = True
+                break
+            rec = evaluate(cand, "greedy")
+            n_eval += 1
+        step = _step({"stream": name[1]} if isinstance(name, tuple) else {"layer": name}, k_new, est, gain, rec, key,
+                     objective)
         if rec[key] <= budget + EPS:
             config, current = cand, rec
             res.accepted.append(step)
             if rec[objective] < res.best[objective] or (rec[objective] == res.best[objective]
                                                         and rec[key] < res.best[key]):
                 res.best = {**rec, "step": len(res.accepted)}
-        else:
+        else:  # only layer moves get here: a stream move was probed within the budget
             floor[name] = k_new
             res.rejected.append(step)
     res.evaluations = n_eval
     return res
+
+
+def _step(move: dict, k: int, est: float, gain, rec: dict, key: str, objective: str, probe: bool = False) -> dict:
+    out = {**move, "k": k, "estimated_cost_pts": est, "gain": gain, "drop_pts": rec["drop_pts"], key: rec[key],
+           objective: rec[objective], "config": rec["config"]}
+    if probe:
+        out["probe"] = True
+    return out
 
 
 def uniform_configs(options: ClusteringConfig, ks=UNIFORM_KS) -> list[ClusteringConfig]:
@@ -200,19 +288,28 @@ def pareto_front(records: list[dict], x: str = "macs") -> list[dict]:
 def run_search(explorer, path: str | Path, budgets: list[float], options: ClusteringConfig,
                objective: str = "macs", sensitivity_path: str | Path | None = None,
                uniform_ks=UNIFORM_KS, tau: float = DEFAULT_TAU, max_evals: int = 200, restart: bool = False,
-               progress: bool = True, layers: list[str] | None = None, grid=K_GRID, spread_seeds: int = 5) -> dict:
+               progress: bool = True, layers: list[str] | None = None, grid=K_GRID, spread_seeds: int = 5,
+               stream=(), stream_fractions=STREAM_FRACTIONS) -> dict:
     """Sweep missing sensitivity points, run the greedy for each budget, evaluate the uniform
-    configurations, and write everything to ``path``. Returns the result document:
+    configurations, and write everything to ``path``. ``stream``: stages (1..3) that get
+    residual-stream moves (module doc), () for none; ``stream_fractions``: their k grid. Both are
+    pinned in the file's header (``"stream_moves"``, null when off; files from before it mean off):
+    a resume with another setting raises ResultsMismatch. Returns the result document:
     ``{"header", "evaluations": {config key: record}, "runs": {run key: GreedyResult dict, with the
     best configuration's ``seed_spread`` over ``spread_seeds`` k-means seeds},
     "uniform": [config keys], "pareto": {"macs": [...], "params": [...]}}``.
 
-    Raises ResultsMismatch (file from other weights/data), ClusteringError (bad options).
+    Raises ResultsMismatch (file from other weights/data, or other stream moves), ClusteringError
+    (bad options).
     """
     options = replace(options, ks={}).validate()
     if options.active_stream:
-        # Stream moves (issue 14, part 2) need their own sensitivity points and MAC costs; not done yet.
-        raise ClusteringError("the search moves per-layer k only; it does not take a stream k (--stream-k) yet")
+        raise ClusteringError("the search starts from the unclustered net and chooses stream ks itself with stream "
+                              "moves (--stream); drop --stream-k")
+    stream_moves = search_stream_setting(stream, stream_fractions)
+    if stream_moves is not None and not (options.fold_bn and options.metric == "euclidean"):
+        raise ClusteringError("stream moves (--stream) need fold_bn and metric=euclidean (stream clustering "
+                              "merges channels only when they are identical after BatchNorm); add --fold-bn")
     if options.granularity != "filter":
         raise ClusteringError("search needs granularity 'filter' (kernel clustering has no structural savings)")
     if objective not in OBJECTIVES:
@@ -224,18 +321,31 @@ def run_search(explorer, path: str | Path, budgets: list[float], options: Cluste
     # Choices are made on held-out training images; the test split is only reported.
     drops = drop_table(load_sensitivity(sensitivity_path), options, column="select_drop_pts")
 
+    fresh = restart or not path.is_file()
     doc = open_results(path, header(explorer), restart=restart)
+    if not fresh and doc["header"].get("stream_moves") != stream_moves:
+        was = doc["header"].get("stream_moves")
+        raise ResultsMismatch(
+            f"{path.name} was searched with stream moves {json.dumps(was)}, now {json.dumps(stream_moves)} (--stream "
+            f"changed). Pass --restart to discard it, or --out to write elsewhere.")
+    doc["header"]["stream_moves"] = stream_moves
     doc["header"]["sensitivity_file"] = sensitivity_path.name
     ev = Evaluations(explorer, doc, lambda: save_results(doc, path), store="evaluations", required="select_top1",
                      record=lambda result, source: evaluation_record(result, source, explorer.select_top1(result.config)))
     cost = CostModel(explorer.model)
+    stages = tuple(stream_moves["stages"]) if stream_moves else ()
+
+    def admissible(cfg):  # a fine-tuned stream-clustered checkpoint holds fewer distinct channels
+        return not limits.problems(explorer.model, cfg)
+
     runs = doc.setdefault("runs", {})
     t0 = time.perf_counter()
     for b in budgets:
         rk = run_key(b, objective, options)
-        r = greedy(ev, cost, drops, options, b, objective, tau, max_evals, layers)
+        r = greedy(ev, cost, drops, options, b, objective, tau, max_evals, layers, stream=stages,
+                   stream_fractions=tuple(stream_fractions), admissible=admissible)
         runs[rk] = {**r.to_dict(), "options": options_key(options), "tau": tau}
-        if r.best is not None and r.best["config"]["ks"] and spread_seeds > 1:
+        if r.best is not None and ClusteringConfig.from_dict(r.best["config"]).clustered and spread_seeds > 1:
             # How much the k-means draw moves the chosen configuration (test split, measured only).
             runs[rk]["seed_spread"] = explorer.seed_spread(ClusteringConfig.from_dict(r.best["config"]), spread_seeds)
         save_results(doc, path)
@@ -264,6 +374,27 @@ def run_key(budget: float, objective: str, options: ClusteringConfig) -> str:
     return f"{objective}|{budget:g}|{options_key(options)}"
 
 
+def search_stream_setting(stream=(), fractions=STREAM_FRACTIONS) -> dict | None:
+    """The header's ``"stream_moves"``: ``{"stages": [...], "fractions": [...]}``, or None when no
+    stage gets stream moves. Raises ClusteringError for an unknown stage or a fraction outside (0, 1)."""
+    stages = sorted(set(stream or ()))
+    if not stages:
+        return None
+    bad = [s for s in stages if isinstance(s, bool) or s not in STREAM_STAGES]
+    if bad:
+        raise ClusteringError(f"unknown residual-stream stage {bad[0]!r} for --stream; valid stages: 1, 2, 3")
+    fr = sorted({float(f) for f in fractions}, reverse=True)
+    if not fr or any(not 0 < f < 1 for f in fr):
+        raise ClusteringError("--stream-fractions must be fractions of the stream's width in (0, 1), e.g. 0.75 0.5")
+    return {"stages": stages, "fractions": fr}
+
+
+def config_options_key(config_dict: dict) -> str:
+    """:func:`options_key` of a recorded configuration, without its stream ks (those are search moves,
+    not options)."""
+    return options_key(replace(ClusteringConfig.from_dict(config_dict), stream={}))
+
+
 # ---------------------------------------------------------------- readers for the app and the report
 
 def load_search(path: str | Path) -> dict:
@@ -283,9 +414,9 @@ def best_record(path_or_doc, budget: float, objective: str = "macs", options: Cl
     for r in doc.get("evaluations", {}).values():
         r = {**r, "chosen_on": "holdout" if "select_drop_pts" in r else "test"}
         r["budget_drop_pts"] = r.get("select_drop_pts", r["drop_pts"])
-        if not r["config"]["ks"] or r["budget_drop_pts"] > budget + EPS:
+        if not (r["config"]["ks"] or r["config"].get("stream")) or r["budget_drop_pts"] > budget + EPS:
             continue
-        if options is not None and options_key(ClusteringConfig.from_dict(r["config"])) != options_key(options):
+        if options is not None and config_options_key(r["config"]) != options_key(replace(options, stream={})):
             continue
         ok.append(r)
     if not ok:
@@ -313,8 +444,8 @@ def best_config(path, budget: float, objective: str = "macs", options: Clusterin
 
 def pareto_table(path_or_doc):
     """All verified evaluations as a pandas DataFrame (columns source, top1, drop_pts, macs, params,
-    mac_reduction, compression_ratio, metric, fold_bn, recalibrate_bn, layers_clustered, config,
-    pareto_macs, pareto_params)."""
+    mac_reduction, compression_ratio, metric, fold_bn, recalibrate_bn, layers_clustered, config (the
+    ks), stream (the stream ks, "{}" when none), pareto_macs, pareto_params)."""
     import pandas as pd
 
     doc = load_search(path_or_doc) if not isinstance(path_or_doc, dict) else path_or_doc
@@ -328,5 +459,6 @@ def pareto_table(path_or_doc):
                      "compression_ratio": r["compression_ratio"], "metric": r["config"]["metric"],
                      "fold_bn": r["config"]["fold_bn"], "recalibrate_bn": r["config"]["recalibrate_bn"],
                      "layers_clustered": len(r["config"]["ks"]), "config": json.dumps(r["config"]["ks"]),
+                     "stream": json.dumps(r["config"].get("stream", {})),
                      "pareto_macs": key in front.get("macs", ()), "pareto_params": key in front.get("params", ())})
     return pd.DataFrame(rows)

@@ -1,12 +1,13 @@
-"""``python -m explorer.search``: per-layer k minimising MACs under a top-1 budget (:func:`explorer.analysis.search.run_search`)."""
+"""``python -m explorer.search``: per-layer k (and, with ``--stream``, residual-stream ks) minimising MACs
+under a top-1 budget (:func:`explorer.analysis.search.run_search`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from .. import checkpoints as ckpt
 from ..analysis.results import beside
-from ..analysis.search import (DEFAULT_TAU, OBJECTIVES, SUFFIX, UNIFORM_KS, most_accurate_record, run_key,
-                               run_search)
+from ..analysis.search import (DEFAULT_TAU, OBJECTIVES, STREAM_FRACTIONS, SUFFIX, UNIFORM_KS, most_accurate_record,
+                               run_key, run_search, search_stream_setting)
 from ..analysis.sensitivity import K_GRID, SUFFIX as SENS_SUFFIX
 from ..clustering import ClusteringConfig, ClusteringError
 from ..model import CONV_LAYER_NAMES
@@ -15,11 +16,13 @@ from .common import add_analysis_args, add_clustering_args, clustering_options, 
 EXAMPLES = """
 python -m explorer.search --budget 0.5 1 2        # one greedy run per budget (accuracy points)
 python -m explorer.search --fold-bn --budget 5 10 20 40 --target-reduction 0.42 --write-config cfg.json
+python -m explorer.search --fold-bn --stream --budget 1 --out checkpoints/x_stream.search.json   # + stream moves
 """
 
 
 def build_parser():
-    p = parser("search", "Choose k per layer to minimise MACs (or parameters) within a top-1 budget: greedy, "
+    p = parser("search", "Choose k per layer (--stream: and per residual stream) to minimise MACs (or parameters) "
+                         "within a top-1 budget: greedy, "
                          "every step verified on held-out training images and measured on the test split "
                          "(resumable: checkpoints/<name>.search.json).",
                EXAMPLES)
@@ -33,6 +36,13 @@ def build_parser():
     p.add_argument("--uniform-ks", type=int, nargs="*", default=list(UNIFORM_KS), metavar="K",
                    help="uniform configurations to evaluate for comparison")
     p.add_argument("--layers", nargs="+", default=None, metavar="NAME", help="only cluster these layers")
+    p.add_argument("--stream", dest="stream_stages", type=int, nargs="*", default=None, metavar="STAGE",
+                   help="also lower residual-stream ks (moves one step down a grid, probed on held-out training "
+                        "images; needs --fold-bn): --stream alone for stages 1 2 3, or name stages. A stream's writers "
+                        "(conv1, layer<s>.*.conv2) then get no per-layer k, and vice versa. Pinned in the result "
+                        "file: a resume with another setting is refused (use --out or --restart)")
+    p.add_argument("--stream-fractions", type=float, nargs="+", default=list(STREAM_FRACTIONS), metavar="F",
+                   help="with --stream: a stage's stream k grid, round(width x F)")
     p.add_argument("--grid", type=int, nargs="+", default=list(K_GRID), metavar="K",
                    help="the ks a layer may take (those below its filter count)")
     p.add_argument("--sensitivity", default=None, help="sensitivity file (default: checkpoints/<name>.sensitivity.json)")
@@ -55,7 +65,8 @@ def print_table(doc: dict, budgets: list[float], objective: str, options: Cluste
             print(f"{b:8g}  infeasible: the options alone cost more than the budget")
             continue
         print(f"{b:8g}  {100 * r['top1']:6.2f}%  {r['drop_pts']:6.2f}  {r['macs']:12,}  "
-              f"{100 * r['mac_reduction']:5.1f}%  {r['params']:8,}  {r['config']['ks']}")
+              f"{100 * r['mac_reduction']:5.1f}%  {r['params']:8,}  {r['config']['ks']}"
+              + (f"  stream {r['config']['stream']}" if r["config"].get("stream") else ""))
         sp = doc["runs"][run_key(b, objective, options)].get("seed_spread")
         if sp:
             print(f"{'':8}  seed spread over {len(sp['seeds'])} k-means seeds: top-1 {100 * sp['min']:.2f}% .. "
@@ -79,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.layers or []:
             if name not in CONV_LAYER_NAMES:
                 raise ClusteringError(f"unknown conv layer {name!r}; valid names: {', '.join(CONV_LAYER_NAMES)}")
+        stream = (1, 2, 3) if args.stream_stages == [] else tuple(args.stream_stages or ())
+        search_stream_setting(stream, args.stream_fractions)  # bad stages or fractions: before loading anything
         explorer = explorer_from_args(args)
         doc = run_search(explorer, out, args.budget, options, args.objective, sens, args.uniform_ks, args.tau,
-                         args.max_evals, args.restart, not args.quiet, args.layers, tuple(args.grid))
+                         args.max_evals, args.restart, not args.quiet, args.layers, tuple(args.grid),
+                         stream=stream,
+                         stream_fractions=tuple(args.stream_fractions))
         print_table(doc, args.budget, args.objective, options)
         if args.write_config:
             r = doc["runs"][run_key(args.budget[0], args.objective, options)]["best"]
