@@ -193,7 +193,7 @@ class Explorer:
             cfg = replace(config, seed=s, seeds=1)
             if stop is not None and stop():
                 raise SpreadAbandoned(config.key())
-            if stop is not None and cfg.active and self.cached(cfg) is None:
+            if stop is not None and cfg.clustered and self.cached(cfg) is None:
                 self._prune(cfg)
                 if stop():
                     raise SpreadAbandoned(config.key())

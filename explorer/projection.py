@@ -264,26 +264,34 @@ def layer_map(model, config, layer: str, train_images=None) -> LayerMap:
     data space without training images."""
     from . import clustering
     from .clustering import ClusteringError, cluster_model, layer_points
-    from .model import conv_layer
+    from .model import conv_layer, stream_stage_of
 
     info = conv_layer(layer)
     modules = dict(model.named_modules())
     fold = config.fold_bn and config.granularity == "filter"
     pts = layer_points(modules[layer].weight, modules[info.bn], config.granularity, fold)
     k = config.active.get(layer)
+    stage = stream_stage_of(layer)
+    stream_k = config.active_stream.get(stage) if stage is not None else None
     labels = centroids = None
-    if k:
+    if k or stream_k:
         ref = None
         if config.space == "data":
             if train_images is None:
                 raise ClusteringError("space=data needs the training images for the layer's statistics")
             ref = clustering.training_reference(model, config, train_images)
-        lc = cluster_model(model, replace(config, ks={layer: k}, recalibrate_bn=0), ref).layers[layer]
+        # A writer of a clustered residual stream shows the stream's shared assignment (clustered
+        # with the streams below it, which constrain it through the shortcut).
+        only = (replace(config, ks={}, stream={s: v for s, v in config.active_stream.items() if s <= stage},
+                        recalibrate_bn=0) if stream_k else replace(config, ks={layer: k}, recalibrate_bn=0))
+        lc = cluster_model(model, only, ref).layers[layer]
+        k = lc.k if stream_k else k
         labels, centroids = lc.labels, lc.centroids
     space = clustering_space(pts, config.metric)
-    if labels is not None and config.space == "data":
-        # k-means' centroids live in the whitened output-error space; the map (and the thumbnails)
-        # show weights, so each cluster is drawn at its members' mean there.
+    if labels is not None and (config.space == "data" or stream_k):
+        # k-means' centroids live in the whitened output-error space (or the stream's concatenated
+        # one); the map (and the thumbnails) show this layer's weights, so each cluster is drawn at
+        # its members' mean there.
         centroids = np.stack([space[labels == c].mean(0) for c in range(k)]).astype(np.float32)
     cin = info.filter_shape[0]
     if config.granularity == "kernel":

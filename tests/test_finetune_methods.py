@@ -202,7 +202,9 @@ def test_comparison_after_finetuning_table_and_chart(runs):
     t = finetuned_table(list(metas.values()))
     assert sorted(t["method"]) == ["clustering (weight space, centripetal)", "clustering (weight space, merged)",
                                    "pruning (fpgm)"]
-    assert set(t["epochs"]) == {1} and set(t["recovery"]) == {"lsq"}
+    assert set(t["epochs"]) == {1}
+    assert dict(zip(t["method"], t["recovery"])) == {"clustering (weight space, centripetal)": "base weights",
+                                                      "clustering (weight space, merged)": "lsq", "pruning (fpgm)": "lsq"}
     assert t["mac_reduction"].round(6).nunique() == 1  # equal MACs: the comparison is at one point
     spec = finetuned_comparison_chart(t).to_dict()
     assert spec["facet"]["column"]["field"] == "budget"
@@ -210,13 +212,61 @@ def test_comparison_after_finetuning_table_and_chart(runs):
     assert len(finetuned_table([still])) == 0
 
 
-def test_precision_auto_matches_the_hardware():
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_follows_native_bf16(monkeypatch, native):
+    from explorer.training import loop
+
+    monkeypatch.setattr(loop, "fast_bf16", lambda device: native)
     cpu = torch.device("cpu")
-    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
-    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
     assert memory_format("fp32", cpu) == torch.contiguous_format
     assert memory_format("bf16", cpu) == torch.channels_last
+
+
+def test_resume_pins_the_precision_used():
+    from explorer.training.loop import Pins
+
+    pins = Pins("finetune", {"precision": "auto", "lr": 0.02}, frozenset({"lr"}), {"precision_used": "fp32"})
+    pins.check({"finetune": {"precision": "auto", "lr": 0.02}, "precision_used": "fp32"}, "x.train.pt")
+    with pytest.raises(ValueError, match="precision_used"):  # auto resolved to bf16 where it started
+        pins.check({"finetune": {"precision": "auto", "lr": 0.02}, "precision_used": "bf16"}, "x.train.pt")
+    with pytest.raises(ValueError, match="precision was 'bf16'"):  # a file from before "auto"
+        pins.check({"finetune": {"precision": "bf16", "lr": 0.02}}, "x.train.pt")
+    pins.check({"finetune": {"precision": "fp32", "lr": 0.02}}, "x.train.pt")
+
+
+@pytest.mark.parametrize("options, needle", [({"fold_bn": False}, "fold_bn"),
+                                             ({"fold_bn": True, "metric": "cosine"}, "euclidean")])
+def test_centripetal_refuses_what_would_not_merge(tmp_path, options, needle, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"ks": {"layer1.0.conv1": 8}, **options}))
+    rc = finetune_main(["--config", str(cfg), "--checkpoint", str(CHECKPOINT), "--synthetic", "40", "--batch-size",
+                        "20", "--threads", "1", "--epochs", "1", "--out", str(tmp_path), "--name", "c", "--quiet",
+                        "--method", "centripetal"])
+    assert rc != 0 and needle in capsys.readouterr().err
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_pruning_refuses_a_stream(tmp_path, capsys):
+    cfg = tmp_path / "p.json"
+    cfg.write_text(json.dumps({"ks": {"layer1.0.conv1": 8}, "stream": {"1": 12}, "fold_bn": True}))
+    rc = finetune_main(["--config", str(cfg), "--checkpoint", str(CHECKPOINT), "--synthetic", "40", "--batch-size",
+                        "20", "--threads", "1", "--epochs", "1", "--out", str(tmp_path), "--name", "p", "--quiet",
+                        "--pruning", "l1"])
+    assert rc != 0 and "stream" in capsys.readouterr().err
+
+
+def test_2d_view_of_a_stream_writer_shows_the_shared_clusters():
+    from explorer.projection import layer_map
+
+    model = positive_bn_model(7)
+    cfg = ClusteringConfig(stream={1: 12, 2: 20}, fold_bn=True)
+    stem, writer = layer_map(model, cfg, "conv1"), layer_map(model, cfg, "layer1.1.conv2")
+    assert stem.k == writer.k == 12 and np.array_equal(stem.labels, writer.labels)
+    assert len(np.unique(stem.labels)) == 12 and stem.centroids.shape == (12, stem.points.shape[1])
+    assert layer_map(model, cfg, "layer2.1.conv2").k == 20
+    assert layer_map(model, cfg, "layer3.0.conv2").labels is None
 
 
 def test_latency_table_loads_both_kinds_of_export(runs):
@@ -234,7 +284,13 @@ def test_latency_table_loads_both_kinds_of_export(runs):
     rows = latency_table(exports, CHECKPOINT, batches=(2,), repeats=1)
     assert [r["export"] for r in rows] == ["base_merged_ft", "base_fpgm_ft"]
     assert all(r["macs"] == HALF_MACS and r["baseline_macs"] == 40_551_040 for r in rows)
-    assert all(r["torch_speedup"] > 0 and r["onnx_speedup"] > 0 for r in rows)
+    import onnxruntime as ort  # what ONNX Runtime times is the same net
+
+    for e in exports:
+        got = ort.InferenceSession(str(e.with_suffix(".onnx")), providers=["CPUExecutionProvider"]).run(
+            None, {"images": x.numpy()})[0]
+        want = load_export(e)(x).detach().numpy()
+        assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
 
 
 @pytest.mark.parametrize("method", ["merged", "centripetal"])

@@ -99,7 +99,9 @@ def finetuned_table(metas: list[dict]):
     """Finished fine-tuning runs (metadata of :func:`explorer.training.finetune.list_finetuned`) as
     a DataFrame, one row per run: name, method (:func:`method_label`), recovery it started from,
     epochs, distill, mac_reduction, before and after top-1 (fractions), drop_pts (after, vs the
-    baseline). Runs still training are left out; their numbers are not comparable yet."""
+    baseline). ``recovery`` is what training started from: the reduced net after that recovery, or
+    "base weights" for centripetal runs (which start unclustered; their "before" is the hard
+    clustering with the recovery, for comparison). Runs still training are left out; their numbers are not comparable yet."""
     import pandas as pd
 
     rows = []
@@ -108,8 +110,9 @@ def finetuned_table(metas: list[dict]):
             continue
         hp = m["finetune"].get("hyperparameters", {})
         base = float(m["baseline"]["top1"])
+        centripetal = m["finetune"].get("method_name") == "centripetal"  # trains from the base weights
         rows.append({"name": m["name"], "method": method_label(m),
-                     "recovery": m.get("clustering", {}).get("recovery", "none"),
+                     "recovery": "base weights" if centripetal else m.get("clustering", {}).get("recovery", "none"),
                      "epochs": int(m.get("epochs_done", hp.get("epochs", 0))), "distill": float(hp.get("distill", 0)),
                      "mac_reduction": float(m["compression"]["mac_reduction"]),
                      "before": float(m["before"]["top1"]), "after": float(m["after"]["top1"]),

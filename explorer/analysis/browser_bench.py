@@ -50,8 +50,9 @@ MOVES = ("conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.1.conv2", "layer3.
 RSS_LIMIT_MB = 4096
 
 # Installed in the page before a key press: records the key press, the first visible change and the
-# moment the headline shows ``expected`` (when given; else any new, fresh headline with the URL
-# naming ``url_has``) with nothing stale and no status widget. Polls every 5 ms (textContent only,
+# moment the headline shows ``expected`` (when given; else any new, fresh headline with the URL's
+# ``url_key`` parameter exactly ``url_value``, or absent for null) with nothing stale and no status
+# widget. Polls every 5 ms (textContent only,
 # which forces no layout).
 WATCH_JS = """
 (args) => {
@@ -74,7 +75,8 @@ WATCH_JS = """
     const caps = q('[data-testid="stCaptionContainer"]').filter(fresh).map(e => e.textContent);
     const ok = args.expected !== null
       ? value === args.expected && caps.some(c => c.includes(args.correct))
-      : window.location.search.includes(args.url_has) && caps.some(c => c.includes('test images correct'));
+      : new URLSearchParams(window.location.search).get(args.url_key) === args.url_value
+        && caps.some(c => c.includes('test images correct'));
     if (ok) { s.done = now; if (s.first === null) s.first = now; clearInterval(s.timer); }
   }, 5);
 }
@@ -187,13 +189,14 @@ async def _open(page, url: str, timeout_ms: float) -> None:
 
 
 async def _move(page, layer: str, key: str, timeout_ms: float, expected: str | None = None,
-                correct: str | None = None, url_has: str = "") -> dict:
+                correct: str | None = None, url_key: str = "", url_value: str | None = None) -> dict:
     """Press ``key`` on ``layer``'s slider and time it (:data:`WATCH_JS`); seconds."""
     thumb = _slider(page, layer)
     await thumb.scroll_into_view_if_needed()
     await thumb.focus()
     before = (await _metric(page, "Pruned top-1").first.inner_text()).strip()
-    await page.evaluate(WATCH_JS, {"before": before, "expected": expected, "correct": correct or "", "url_has": url_has})
+    await page.evaluate(WATCH_JS, {"before": before, "expected": expected, "correct": correct or "",
+                                   "url_key": url_key, "url_value": url_value})
     await thumb.press(key)
     await page.wait_for_function("() => window.__bench.done !== null", timeout=timeout_ms, polling=50)
     s = await page.evaluate("() => ({t0: window.__bench.t0, first: window.__bench.first, done: window.__bench.done})")
@@ -429,11 +432,10 @@ async def _load_session(browser, server, i, minutes, seed, pause_s, timeout_s) -
                                               ("ArrowRight", k < top)) if ok])
             k = {"Home": 1, "End": top, "ArrowLeft": k - 1, "ArrowRight": k + 1}[key]
             ks[layer.name] = k
-            url_has = f"k.{layer.name}={k}" if k < top else ""
-            t = await _move(page, layer.name, key, timeout_s * 1000, url_has=url_has)
-            if k == top:  # back to unchanged: the URL loses the parameter, which WATCH_JS cannot name
-                await page.wait_for_function(f"() => !window.location.search.includes('k.{layer.name}=')",
-                                             timeout=timeout_s * 1000)
+            # Done when the URL names exactly the new k (no parameter at all when back to unchanged):
+            # a substring test would take k.L=13 for k.L=1 and stop the clock before the page answered.
+            t = await _move(page, layer.name, key, timeout_s * 1000, url_key=f"k.{layer.name}",
+                            url_value=str(k) if k < top else None)
             out["times"].append(t["browser_s"])
             out["exceptions"] += await _exceptions(page)
             await asyncio.sleep(pause_s)

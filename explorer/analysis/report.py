@@ -349,8 +349,10 @@ def build_report(explorer, out: Path, sensitivity_path: Path | None, search_path
     ftt = baselines.finetuned_table(ft_metas)
     if not ftt.empty and ftt["method"].str.startswith("pruning").any():
         d.heading("Clustering vs pruning after fine-tuning")
-        d.para("Each run starts from its reduced net after least squares (training images only) and trains the same "
-               "smaller structure with the same loop, recipe and number of epochs. Top-1 on the test split, fp32.")
+        d.para("Same loop, recipe and epochs for every run. merged and pruning runs train the smaller net itself "
+               "(plain SGD), starting from the reduced net after its recovery (least squares on training images); "
+               "tied runs train the full-width net with cluster-averaged gradients; centripetal runs start from the "
+               "base weights and pull each cluster together. Top-1 on the test split, fp32.")
         d.table([{"run": r.name, "method": r.method, "epochs": r.epochs, "distill": f"{r.distill:g}",
                   "MACs saved": f"{100 * r.mac_reduction:.1f}%", "before": pct(r.before), "after": pct(r.after),
                   "drop (pp)": f"{r.drop_pts:.2f}"} for r in ftt.itertuples()])

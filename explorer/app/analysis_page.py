@@ -265,9 +265,10 @@ def finetuned_comparison_section(metas: list[dict], checkpoint: Path | None) -> 
                        "pp lost"]], hide_index=True, width="stretch",
                  column_config={c: st.column_config.NumberColumn(format="%.2f")
                                 for c in ("MACs saved %", "before %", "after %", "pp lost")})
-    st.caption("Each run starts from the reduced net after its recovery (least squares on training images) and "
-               "trains the same smaller structure with the same loop, recipe and epochs; top-1 on the test split, "
-               "fp32.")
+    st.caption("Same loop, recipe and epochs for every run. merged and pruning runs train the smaller net itself "
+               "(plain SGD), starting from the reduced net after its recovery (least squares on training images); "
+               "tied runs train the full-width net with cluster-averaged gradients; centripetal runs start from the "
+               "base weights and pull each cluster together. Top-1 on the test split, fp32.")
 
 
 def best_configurations(doc: dict) -> list[dict]:

@@ -15,10 +15,14 @@ and shift (what makes two channels identical after BN) are trained with the C-SG
   (``3e-3`` over 30 epochs of 390 steps: e^-35), while the net keeps its accuracy throughout.
 
 What is evaluated and saved each epoch is the *projected* net (:func:`project`: every member set
-to its cluster's mean, BatchNorm statistics included), i.e. exactly clustered and mergeable, so
-the curve shows what stopping at that epoch would give. The net never collapses: at epoch 0 the
-projected net is the hard clustering itself (the tied method's start), and training walks it to a
-merged one from the uncollapsed side.
+to its cluster's mean, its BatchNorm's running statistics averaged too), exactly clustered and
+mergeable. Early in a run the averaged statistics are only an estimate of the mean filter's (the
+members still differ), so early points of the curve are approximate; by the end the members agree
+to about ``(1 - strength)^steps`` and the projection changes almost nothing. The trained net never
+collapses: it starts from the base weights, not from the centroids (epoch 0 of the recovery curve
+is the configuration's clustered net with its recovery, for comparison with the other methods).
+Needs ``fold_bn``, the euclidean metric and filter granularity (a cluster's filters and
+BatchNorms become equal, which is what those clusters merge).
 """
 from __future__ import annotations
 
@@ -44,7 +48,9 @@ def _cluster_mean(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -
 
 class CentripetalGroups:
     """The clustered parameters of a plain ResNet20: for each clustered layer, its conv weight
-    (Cout, Cin, 3, 3) and its BatchNorm's weight and bias (Cout,), with the cluster labels (Cout,)."""
+    (Cout, Cin, 3, 3) and its BatchNorm's weight and bias (Cout,), with the cluster labels (Cout,)
+    and whether the layer merges (a block's first conv; the residual-stream writers do not need
+    positive BatchNorm scales)."""
 
     def __init__(self, model: nn.Module, clustering: Clustering):
         self.groups = []
@@ -54,7 +60,8 @@ class CentripetalGroups:
             labels = labels.to(device)
             counts = torch.bincount(labels).float().clamp_min(1)
             bn = model.get_submodule(conv_layer(name).bn)
-            self.groups.append((name, labels, counts, [model.get_submodule(name).weight, bn.weight, bn.bias], bn))
+            self.groups.append((name, labels, counts, [model.get_submodule(name).weight, bn.weight, bn.bias],
+                                not conv_layer(name).residual))
 
     @torch.no_grad()
     def average_gradients(self) -> None:
@@ -67,10 +74,11 @@ class CentripetalGroups:
     @torch.no_grad()
     def pull(self, strength: float) -> None:
         """The centripetal step: each member moves ``strength`` of the way to its cluster's mean."""
-        for _, labels, counts, params, _ in self.groups:
+        for _, labels, counts, params, merges in self.groups:
             for p in params:
                 p.add_(_cluster_mean(p, labels, counts) - p, alpha=strength)
-            params[1].clamp_(min=MIN_GAMMA)  # merging needs positive BatchNorm scales (explorer.compress)
+            if merges:  # a block's first conv merges only with positive BatchNorm scales (explorer.compress)
+                params[1].clamp_(min=MIN_GAMMA)
 
     @torch.no_grad()
     def spread(self) -> float:
@@ -86,9 +94,11 @@ class CentripetalGroups:
 
 @torch.no_grad()
 def project(model: nn.Module, groups: CentripetalGroups) -> nn.Module:
-    """A CPU eval-mode copy of ``model`` with every clustered filter, BatchNorm scale, shift and
-    running statistic set to its cluster's mean: exactly clustered, and mergeable where the
-    clusters' BatchNorm scales are positive."""
+    """A CPU eval-mode copy of ``model`` with every clustered filter (Cout, Cin, 3, 3), BatchNorm
+    scale, shift and running statistic (Cout,) set to its cluster's mean: exactly clustered, and
+    mergeable where the clusters' BatchNorm scales are positive. The averaged running variance
+    overstates the mean filter's while the members still differ (Jensen); C-SGD (Ding et al. 2019)
+    ends with the members equal, where it is exact."""
     out = copy.deepcopy(model).float().cpu().eval()
     for name, labels, counts, _, _ in groups.groups:
         labels, counts = labels.cpu(), counts.cpu()
@@ -99,8 +109,9 @@ def project(model: nn.Module, groups: CentripetalGroups) -> nn.Module:
 
 
 def projected_clustering(projected: nn.Module, clustering: Clustering) -> Clustering:
-    """The Clustering describing a projected net (labels and scales of ``clustering``, the
-    projected filters as replacement weights), for :func:`explorer.compress.compress`."""
+    """The Clustering describing a projected net (labels of ``clustering``, the projected filters as
+    replacement weights), for :func:`explorer.compress.compress`. Valid for euclidean clusters
+    (scales 1), the only ones centripetal fine-tuning takes."""
     layers = {n: replace(r, weight=projected.get_submodule(n).weight.detach().clone(), bias=None)
               for n, r in clustering.layers.items()}
     return replace(clustering, layers=layers)  # the clustered streams (labels) carry over

@@ -225,7 +225,16 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
     # so "before", the recovery curve and "after" are comparable to the app and the search numbers.
     engine = FastEvaluator(data.test_images, data.test_labels, cache_mb=0, mixed=False)
     baseline = engine.evaluate(compress(base))
+    if ft.method == "centripetal" and not (config.fold_bn and config.metric == "euclidean"
+                                           and config.granularity == "filter"):
+        # The projection sets a cluster's filters *and* BatchNorms equal, i.e. clusters of folded
+        # filters under the euclidean metric; other configurations would change structure at the end.
+        raise ValueError("--method centripetal needs fold_bn, the euclidean metric and filter granularity "
+                         "(the pulled-together filters and BatchNorms must merge)")
     if ft.pruning:
+        if config.active_stream:
+            raise ValueError("--pruning prunes the blocks' first convs only; remove the stream k from the "
+                             "configuration")
         return _finetune_pruned(checkpoint, base, base_digest, config, ft, data, engine, baseline, files,
                                 resume, quiet, stop_after, latency)
     model0, clustering0, small0, tied, merged = prepare(base, config, data, ft.rebase_images)
@@ -248,7 +257,8 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
     trained.to(device).to(memory_format=fmt)
     optimizer, scheduler, steps = sgd(ft, list(trained.parameters()), len(data.train_labels))
     pins = Pins("finetune", asdict(ft), frozenset(asdict(ft)) - UNPINNED,
-                {"clustering": config.to_dict(), "base_weights_sha1": base_digest, "dataset": data.identity.to_dict()})
+                {"clustering": config.to_dict(), "base_weights_sha1": base_digest, "dataset": data.identity.to_dict(),
+                 "precision_used": precision})
 
     meta = {
         "architecture": "resnet20", "status": "training", "epochs": ft.epochs,
@@ -370,7 +380,8 @@ def _finetune_pruned(checkpoint, base, base_digest, config, ft, data, engine, ba
     narrow.to(device).to(memory_format=fmt)
     optimizer, scheduler, steps = sgd(ft, list(narrow.parameters()), len(data.train_labels))
     pins = Pins("finetune", asdict(ft), frozenset(asdict(ft)) - UNPINNED,
-                {"clustering": config.to_dict(), "base_weights_sha1": base_digest, "dataset": data.identity.to_dict()})
+                {"clustering": config.to_dict(), "base_weights_sha1": base_digest, "dataset": data.identity.to_dict(),
+                 "precision_used": precision})
     meta = {
         "architecture": "resnet20", "status": "training", "epochs": ft.epochs,
         "dataset": data.identity.to_dict(), "classes": list(CLASSES),
