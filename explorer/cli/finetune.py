@@ -7,7 +7,8 @@ from pathlib import Path
 from .. import checkpoints as ckpt
 from ..analysis.results import default_checkpoint, load_data
 from ..clustering import ClusteringConfig, ClusteringError
-from ..training.finetune import FinetuneConfig, finetune
+from ..pruning import CRITERIA
+from ..training.finetune import METHODS, FinetuneConfig, finetune
 from .common import DATA_HELP, parser, run, set_threads
 
 EXAMPLES = """
@@ -48,13 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", type=float, default=d.distill, metavar="ALPHA",
                    help="weight of knowledge distillation from the base net (0 = off; Hinton et al. 2015)")
     p.add_argument("--temperature", type=float, default=d.temperature, help="distillation temperature")
-    p.add_argument("--method", choices=("tied", "merged", "centripetal"), default=d.method,
+    p.add_argument("--method", choices=METHODS, default=d.method,
                    help="tied: centroids trained at full width; merged: the smaller merged net trained itself "
                         "(faster); centripetal: filters pulled to their cluster's mean during training "
                         "(Ding et al. 2019)")
     p.add_argument("--strength", type=float, default=d.strength,
                    help="centripetal pull per step (fraction of the way to the cluster mean)")
-    p.add_argument("--pruning", default=d.pruning, choices=("", "l1", "fpgm", "taylor", "random"),
+    p.add_argument("--pruning", default=d.pruning, choices=("", *CRITERIA),
                    help="baseline: prune the --config layers to their k by this Torch-Pruning criterion instead "
                         "of clustering, then train the pruned net with the same recipe")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,

@@ -35,7 +35,7 @@ from .. import checkpoints as ckpt
 from ..clustering import ClusteringConfig
 from ..compress import compress, count_macs, export_onnx, report, save_compressed
 from ..data import CLASSES, CIFAR10Tensors, normalize
-from ..model import conv_layer
+from ..model import conv_layer, count_parameters
 from ..digest import state_digest
 from ..engine import FastEvaluator
 from ..evaluate import Comparison, evaluate, per_class_table
@@ -103,20 +103,46 @@ def distilled_loss(hooks, logits, x, y, cfg) -> torch.Tensor:
     return (1 - hooks.distill) * loss + hooks.distill * t ** 2 * kd
 
 
-class TiedHooks(Hooks):
+class ExportHooks(Hooks):
+    """What every fine-tuning method shares: optional distillation from ``teacher``, the test
+    top-1 from the exact fp32 ``engine``, ``plain`` (the full-width ResNet20 written out each
+    epoch) as the saved weights, the model itself (on CPU) in the resume file, the recovery curve."""
+
+    def __init__(self, model, forward, engine, before_top1: float, teacher=None, distill: float = 0.0,
+                 temperature: float = 4.0):
+        super().__init__(model, forward)
+        self.engine, self.before_top1 = engine, before_top1
+        self.teacher, self.distill, self.temperature = teacher, distill, temperature
+        self.plain = None
+
+    def loss(self, logits, x, y, cfg):
+        return distilled_loss(self, logits, x, y, cfg)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.contiguous() for k, v in self.plain.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return {"model": _on_cpu(self.model).state_dict()}
+
+    def epoch_meta(self, record: dict, log: list[dict]) -> dict:
+        return {"recovery": self.recovery(log)}
+
+    def recovery(self, log: list[dict]) -> list[dict]:
+        """Test top-1 per evaluated epoch, epoch 0 being the reduced net before fine-tuning."""
+        return [{"epoch": 0, "test_top1": self.before_top1}] + [
+            {"epoch": r["epoch"], "test_top1": r["test_top1"]} for r in log if "test_top1" in r]
+
+
+class TiedHooks(ExportHooks):
     """Fine-tuning of a tied model: averaged cluster gradients, optional distillation, and the
     plain clustered ResNet20 as the saved weights (evaluated compressed, exact fp32)."""
 
     def __init__(self, tied, forward, config, clustering0, engine, before_top1: float, teacher=None,
                  distill: float = 0.0, temperature: float = 4.0):
-        super().__init__(tied, forward)
-        self.config, self.clustering0, self.engine, self.before_top1 = config, clustering0, engine, before_top1
-        self.teacher, self.distill, self.temperature = teacher, distill, temperature
+        super().__init__(tied, forward, engine, before_top1, teacher, distill, temperature)
+        self.config, self.clustering0 = config, clustering0
         self.convs = list(tied_layers(tied).values())
-        self.plain = self.cpu_tied = None
-
-    def loss(self, logits, x, y, cfg):
-        return distilled_loss(self, logits, x, y, cfg)
+        self.cpu_tied = None
 
     def after_backward(self) -> None:
         for t in self.convs:
@@ -133,20 +159,6 @@ class TiedHooks(Hooks):
     def evaluate(self) -> float:
         clustering = tied_clustering(self.cpu_tied, self.config, self.clustering0)
         return self.engine.evaluate(compress(self.plain, clustering)).top1
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.contiguous() for k, v in self.plain.state_dict().items()}
-
-    def state_dict(self) -> dict:
-        return {"model": self.cpu_tied.state_dict()}
-
-    def epoch_meta(self, record: dict, log: list[dict]) -> dict:
-        return {"recovery": self.recovery(log)}
-
-    def recovery(self, log: list[dict]) -> list[dict]:
-        """Test top-1 per evaluated epoch, epoch 0 being the clustered net before fine-tuning."""
-        return [{"epoch": 0, "test_top1": self.before_top1}] + [
-            {"epoch": r["epoch"], "test_top1": r["test_top1"]} for r in log if "test_top1" in r]
 
     def final(self):
         """(plain clustered ResNet20, its Clustering) of the current weights, for the export."""
@@ -175,9 +187,6 @@ class MergedHooks(TiedHooks):
         self.cpu_tied = self.tied_cpu
         self.plain = materialize(self.tied_cpu)
 
-    def state_dict(self) -> dict:
-        return {"model": _on_cpu(self.model).state_dict()}
-
 
 class CentripetalHooks(TiedHooks):
     """Centripetal SGD (:mod:`explorer.training.centripetal`) of a plain ResNet20 that starts from
@@ -199,15 +208,57 @@ class CentripetalHooks(TiedHooks):
     def evaluate(self) -> float:
         return self.engine.evaluate(compress(self.plain, projected_clustering(self.plain, self.clustering0))).top1
 
-    def state_dict(self) -> dict:
-        return {"model": _on_cpu(self.model).state_dict()}
-
     def epoch_meta(self, record: dict, log: list[dict]) -> dict:
         return {"recovery": self.recovery(log), "centripetal_spread": self.groups.spread()}
 
     def final(self):
         self.end_epoch()
         return self.plain, projected_clustering(self.plain, self.clustering0)
+
+
+@dataclass
+class _Run:
+    """What both fine-tuning paths set up the same way around the trained module."""
+
+    device: torch.device
+    precision: str
+    optimizer: object
+    scheduler: object
+    steps: int
+    pins: Pins
+    meta: dict
+    teacher: nn.Module | None
+
+
+def _start(ft: FinetuneConfig, trained: nn.Module, base: nn.Module, base_digest: str, config: ClusteringConfig,
+           data: CIFAR10Tensors, checkpoint, baseline, before, finetune_meta: dict, extra_meta: dict) -> _Run:
+    """Move ``trained`` to the device in its memory format; the optimizer, resume pins, the
+    metadata skeleton (``finetune_meta`` merged into its "finetune" entry, ``extra_meta`` at the top)
+    and the distillation teacher (a copy of ``base``, or None without ``ft.distill``)."""
+    device = pick_device(ft.device)
+    precision = resolve_precision(ft.precision, device)
+    fmt = memory_format(precision, device)
+    trained.to(device).to(memory_format=fmt)
+    optimizer, scheduler, steps = sgd(ft, list(trained.parameters()), len(data.train_labels))
+    pins = Pins("finetune", asdict(ft), frozenset(asdict(ft)) - UNPINNED,
+                {"clustering": config.to_dict(), "base_weights_sha1": base_digest, "dataset": data.identity.to_dict(),
+                 "precision_used": precision})
+    meta = {
+        "architecture": "resnet20", "status": "training", "epochs": ft.epochs,
+        "dataset": data.identity.to_dict(), "classes": list(CLASSES),
+        "finetune": {"base_checkpoint": Path(checkpoint).stem, "base_weights_sha1": base_digest,
+                     "hyperparameters": asdict(ft), "precision_used": precision, **finetune_meta},
+        "clustering": config.to_dict(),
+        **extra_meta,
+        "baseline": {"top1": baseline.top1, "per_class": baseline.per_class_dict()},
+        "before": {"top1": before.top1, "per_class": before.per_class_dict()},
+        "torch": torch.__version__, "device": device.type,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    # Knowledge distillation from the unclustered base net: its soft targets carry the base net's
+    # class similarities, the usual way to recover a pruned net's accuracy.
+    teacher = copy.deepcopy(base).to(device).to(memory_format=fmt).eval() if ft.distill > 0 else None
+    return _Run(device, precision, optimizer, scheduler, steps, pins, meta, teacher)
 
 
 def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: FinetuneConfig, data: CIFAR10Tensors,
@@ -240,9 +291,6 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
     model0, clustering0, small0, tied, merged = prepare(base, config, data, ft.rebase_images)
     before = engine.evaluate(small0)
     specs0 = [asdict(s) for s in small0.specs]
-    device = pick_device(ft.device)
-    precision = resolve_precision(ft.precision, device)
-    fmt = memory_format(precision, device)
     # Narrowed: the blocks' merged first convs. A clustered residual stream stays tied at full width
     # while it trains (every writer and reader of it would have to narrow together).
     narrowed = {n for n in merged if not conv_layer(n).residual}
@@ -254,40 +302,22 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
             p.requires_grad_(True)
     else:
         trained = tied
-    trained.to(device).to(memory_format=fmt)
-    optimizer, scheduler, steps = sgd(ft, list(trained.parameters()), len(data.train_labels))
-    pins = Pins("finetune", asdict(ft), frozenset(asdict(ft)) - UNPINNED,
-                {"clustering": config.to_dict(), "base_weights_sha1": base_digest, "dataset": data.identity.to_dict(),
-                 "precision_used": precision})
-
-    meta = {
-        "architecture": "resnet20", "status": "training", "epochs": ft.epochs,
-        "dataset": data.identity.to_dict(), "classes": list(CLASSES),
-        "finetune": {"base_checkpoint": Path(checkpoint).stem, "base_weights_sha1": base_digest,
-                     "hyperparameters": asdict(ft), "merged_layers": sorted(merged),
-                     "tied_bn_layers": sorted(n for n, t in tied_layers(tied).items() if t.bn is not None),
-                     "method": METHOD_TEXT[ft.method], "method_name": ft.method, "precision_used": precision,
-                     "macs": count_macs(small0)},
-        "clustering": config.to_dict(),
-        "labels": {n: [int(x) for x in r.labels] for n, r in clustering0.layers.items()},
-        "baseline": {"top1": baseline.top1, "per_class": baseline.per_class_dict()},
-        "before": {"top1": before.top1, "per_class": before.per_class_dict()},
-        "torch": torch.__version__, "device": device.type,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    # Knowledge distillation from the unclustered base net: its soft targets carry the base net's
-    # class similarities, the usual way to recover a pruned net's accuracy.
-    teacher = copy.deepcopy(base).to(device).to(memory_format=fmt).eval() if ft.distill > 0 else None
+    run = _start(ft, trained, base, base_digest, config, data, checkpoint, baseline, before, {
+        "merged_layers": sorted(merged),
+        "tied_bn_layers": sorted(n for n, t in tied_layers(tied).items() if t.bn is not None),
+        "method": METHOD_TEXT[ft.method], "method_name": ft.method, "macs": count_macs(small0)},
+        {"labels": {n: [int(x) for x in r.labels] for n, r in clustering0.layers.items()}})
+    meta = run.meta
     forward = torch.compile(trained) if ft.compile else trained
-    rest = (config, clustering0, engine, before.top1, teacher, ft.distill, ft.temperature)
+    rest = (config, clustering0, engine, before.top1, run.teacher, ft.distill, ft.temperature)
     if ft.method == "merged":
         hooks = MergedHooks(trained, forward, tied, narrowed, *rest)
     elif ft.method == "centripetal":
         hooks = CentripetalHooks(trained, forward, ft.strength, *rest)
     else:
         hooks = TiedHooks(trained, forward, *rest)
-    progress = run_epochs(ft, hooks, data, optimizer, scheduler, steps, files, meta, pins, device, resume=resume,
-                          quiet=quiet, stop_after=stop_after, desc="finetune")
+    progress = run_epochs(ft, hooks, data, run.optimizer, run.scheduler, run.steps, files, meta, run.pins, run.device,
+                          resume=resume, quiet=quiet, stop_after=stop_after, desc="finetune")
     if not progress.finished:
         return meta
     return _finish(hooks, specs0, base, data, files, ft, meta, before, baseline, progress.log, latency, quiet)
@@ -331,34 +361,19 @@ def _finish(hooks: TiedHooks, specs0, base, data, files, ft, meta, before, basel
     return meta
 
 
-class PrunedHooks(Hooks):
+class PrunedHooks(ExportHooks):
     """Fine-tuning of a physically pruned net (Torch-Pruning); saved and evaluated as the masked
     full-width ResNet20 (:func:`explorer.training.narrow.expand_pruned`)."""
 
-    def __init__(self, narrow, forward, template, kept, engine, before_top1, teacher=None, distill=0.0,
-                 temperature=4.0):
-        super().__init__(narrow, forward)
-        self.template, self.kept, self.engine, self.before_top1 = template, kept, engine, before_top1
-        self.teacher, self.distill, self.temperature = teacher, distill, temperature
-        self.plain = None
-
-    loss = distilled_loss
-    recovery = TiedHooks.recovery
+    def __init__(self, narrow, forward, template, kept, *args, **kwargs):
+        super().__init__(narrow, forward, *args, **kwargs)
+        self.template, self.kept = template, kept
 
     def end_epoch(self) -> None:
         self.plain = expand_pruned(_on_cpu(self.model), self.template, self.kept)
 
     def evaluate(self) -> float:
         return self.engine.evaluate(compress(self.plain)).top1
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.contiguous() for k, v in self.plain.state_dict().items()}
-
-    def state_dict(self) -> dict:
-        return {"model": _on_cpu(self.model).state_dict()}
-
-    def epoch_meta(self, record: dict, log: list[dict]) -> dict:
-        return {"recovery": self.recovery(log)}
 
 
 def _finetune_pruned(checkpoint, base, base_digest, config, ft, data, engine, baseline, files, resume, quiet,
@@ -374,33 +389,15 @@ def _finetune_pruned(checkpoint, base, base_digest, config, ft, data, engine, ba
     before = engine.evaluate(compress(masked))
     narrow = pruning.pruned_structure(masked, kept).train()
     macs = count_macs(narrow)
-    device = pick_device(ft.device)
-    precision = resolve_precision(ft.precision, device)
-    fmt = memory_format(precision, device)
-    narrow.to(device).to(memory_format=fmt)
-    optimizer, scheduler, steps = sgd(ft, list(narrow.parameters()), len(data.train_labels))
-    pins = Pins("finetune", asdict(ft), frozenset(asdict(ft)) - UNPINNED,
-                {"clustering": config.to_dict(), "base_weights_sha1": base_digest, "dataset": data.identity.to_dict(),
-                 "precision_used": precision})
-    meta = {
-        "architecture": "resnet20", "status": "training", "epochs": ft.epochs,
-        "dataset": data.identity.to_dict(), "classes": list(CLASSES),
-        "finetune": {"base_checkpoint": Path(checkpoint).stem, "base_weights_sha1": base_digest,
-                     "hyperparameters": asdict(ft), "method": METHOD_TEXT["pruned"], "method_name": "pruned",
-                     "pruning": ft.pruning, "recovery": config.recovery, "precision_used": precision, "macs": macs,
-                     "kept": {n: [int(i) for i in k] for n, k in kept.items()}},
-        "pruning": {"criterion": ft.pruning, "ks": dict(config.ks)},
-        "clustering": config.to_dict(),  # the layers and k that were pruned (the runs' common key)
-        "baseline": {"top1": baseline.top1, "per_class": baseline.per_class_dict()},
-        "before": {"top1": before.top1, "per_class": before.per_class_dict()},
-        "torch": torch.__version__, "device": device.type,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    teacher = copy.deepcopy(base).to(device).to(memory_format=fmt).eval() if ft.distill > 0 else None
+    run = _start(ft, narrow, base, base_digest, config, data, checkpoint, baseline, before, {
+        "method": METHOD_TEXT["pruned"], "method_name": "pruned", "pruning": ft.pruning, "recovery": config.recovery,
+        "macs": macs, "kept": {n: [int(i) for i in k] for n, k in kept.items()}},
+        {"pruning": {"criterion": ft.pruning, "ks": dict(config.ks)}})
+    meta = run.meta
     hooks = PrunedHooks(narrow, torch.compile(narrow) if ft.compile else narrow, masked, kept, engine, before.top1,
-                        teacher, ft.distill, ft.temperature)
-    progress = run_epochs(ft, hooks, data, optimizer, scheduler, steps, files, meta, pins, device, resume=resume,
-                          quiet=quiet, stop_after=stop_after, desc="finetune")
+                        run.teacher, ft.distill, ft.temperature)
+    progress = run_epochs(ft, hooks, data, run.optimizer, run.scheduler, run.steps, files, meta, run.pins, run.device,
+                          resume=resume, quiet=quiet, stop_after=stop_after, desc="finetune")
     if not progress.finished:
         return meta
     hooks.end_epoch()
@@ -433,7 +430,7 @@ def _finetune_pruned(checkpoint, base, base_digest, config, ft, data, engine, ba
         per_class_rows=per_class_table({"baseline": baseline, "before": before, "after": after}).to_dict("records"),
         top1_drop_pts=-100 * comp.top1_delta,
         compression={"macs": macs, "baseline_macs": base_macs, "mac_reduction": 1 - macs / base_macs,
-                     "params": sum(p.numel() for p in small.parameters()), "latency": lat or None},
+                     "params": count_parameters(small), "latency": lat or None},
         compressed_export=[str(pt), str(js), str(onnx)],
     )
     ckpt.save_json(meta, files["meta"])
