@@ -87,6 +87,17 @@ def split_page(query: Mapping[str, object]) -> tuple[str, dict, list[str]]:
                               f"showing the explorer"]
 
 
+def _choice(params: Mapping[str, object], key: str, options, default: str, verb: str, warns: list[str]) -> str:
+    """The URL's ``key`` (lower-cased) when it is one of ``options``, else ``default`` with a warning."""
+    if key not in params:
+        return default
+    raw = last_value(params[key]).strip().lower()
+    if raw in options:
+        return raw
+    warns.append(f"{key}={raw[:20]!r} is not one of {', '.join(options)}; {verb} {default}")
+    return default
+
+
 def parse_query(params: Mapping[str, object], checkpoints: list[str]) -> tuple[ViewState, list[str]]:
     """Parse URL query parameters into a :class:`ViewState`, leniently: never raises; unknown
     checkpoints, layers, keys, non-numbers and out-of-range k are ignored or clamped, each with a
@@ -114,20 +125,8 @@ def parse_query(params: Mapping[str, object], checkpoints: list[str]) -> tuple[V
             layer = raw
         else:
             warns.append(f"layer={raw[:40]!r} is not a conv layer of ResNet20; showing {DEFAULT_LAYER}")
-    proj = DEFAULT_PROJECTION
-    if "proj" in params:
-        raw = last_value(params["proj"]).strip().lower()
-        if raw in METHODS:
-            proj = raw
-        else:
-            warns.append(f"proj={raw[:20]!r} is not one of {', '.join(METHODS)}; using {DEFAULT_PROJECTION}")
-    tab = DEFAULT_TAB
-    if "tab" in params:
-        raw = last_value(params["tab"]).strip().lower()
-        if raw in TABS:
-            tab = raw
-        else:
-            warns.append(f"tab={raw[:20]!r} is not one of {', '.join(TABS)}; showing {DEFAULT_TAB}")
+    proj = _choice(params, "proj", METHODS, DEFAULT_PROJECTION, "using", warns)
+    tab = _choice(params, "tab", TABS, DEFAULT_TAB, "showing", warns)
     known = set(VIEW_KEYS) | set(CONFIG_KEYS) | set(STREAMLIT_KEYS)
     unknown = [k for k in params if k not in known and not k.startswith(("k.", STREAM_KEY))]
     if unknown:

@@ -323,6 +323,13 @@ def finetune(checkpoint: str | os.PathLike, config: ClusteringConfig, ft: Finetu
     return _finish(hooks, specs0, base, data, files, ft, meta, before, baseline, progress.log, latency, quiet)
 
 
+def _complete(meta: dict, files: dict, ft: FinetuneConfig, top1: float) -> None:
+    """Write the finished run's metadata, then its status (atomic writes, in that order)."""
+    ckpt.save_json(meta, files["meta"])
+    ckpt.write_status(files["status"], state="complete", epoch=ft.epochs, epochs=ft.epochs, test_top1=top1,
+                      pid=os.getpid())
+
+
 def _finish(hooks: TiedHooks, specs0, base, data, files, ft, meta, before, baseline, log, latency, quiet):
     plain, clustering = hooks.final()
     small = compress(plain, clustering)
@@ -351,9 +358,7 @@ def _finish(hooks: TiedHooks, specs0, base, data, files, ft, meta, before, basel
         distinct_directions={n: distinct_directions(plain.get_submodule(n).weight) for n in clustering.layers},
         compressed_export=[str(pt), str(js), str(onnx)],
     )
-    ckpt.save_json(meta, files["meta"])
-    ckpt.write_status(files["status"], state="complete", epoch=ft.epochs, epochs=ft.epochs, test_top1=after.top1,
-                      pid=os.getpid())
+    _complete(meta, files, ft, after.top1)
     if not quiet:
         print(f"done: top-1 {100 * baseline.top1:.2f}% (base) -> {100 * before.top1:.2f}% (clustered) -> "
               f"{100 * after.top1:.2f}% (fine-tuned, {ft.epochs} epochs); {100 * rep.mac_reduction:.1f}% fewer MACs, "
@@ -433,9 +438,7 @@ def _finetune_pruned(checkpoint, base, base_digest, config, ft, data, engine, ba
                      "params": count_parameters(small), "latency": lat or None},
         compressed_export=[str(pt), str(js), str(onnx)],
     )
-    ckpt.save_json(meta, files["meta"])
-    ckpt.write_status(files["status"], state="complete", epoch=ft.epochs, epochs=ft.epochs, test_top1=after.top1,
-                      pid=os.getpid())
+    _complete(meta, files, ft, after.top1)
     if not quiet:
         print(f"done: top-1 {100 * baseline.top1:.2f}% (base) -> {100 * before.top1:.2f}% (pruned, {ft.pruning}) -> "
               f"{100 * after.top1:.2f}% (fine-tuned, {ft.epochs} epochs); {100 * (1 - macs / base_macs):.1f}% fewer MACs")
