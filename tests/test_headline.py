@@ -29,6 +29,12 @@ HEADLINE = {
     "resnet20_cifar10_p58_kd_ft.pt": ("929d90b529990d7e13d4936d7cd81cb1d3b3fd310e73ab4e523acc67cf288932", {
         "top1": 0.8779, "macs": 23_814_784, "params": 159_888,
     }),
+    "resnet20_cifar10_half_merged_ft.pt": ("34f3294412576623affbedf77df8c88fc5b286d6f6d0d3a2dc1700ad866a04de", {
+        "top1": 0.8677, "macs": 20_497_024,
+    }),
+    "resnet20_cifar10_half_fpgm_ft.pt": ("4839a189919e48c0e597acbfb65000fb643b6ab2768c9779a614f22b2a7f8d8d", {
+        "top1": 0.8748, "macs": 20_497_024,
+    }),
 }
 
 
@@ -79,3 +85,17 @@ def test_p58_fine_tuned_net(real_data):
     r = explorer.run(config)
     assert round(r.evaluation.top1, 4) == want["top1"]
     assert (r.compression.macs, r.compression.params) == (want["macs"], want["params"])
+
+
+@pytest.mark.parametrize("name", ["resnet20_cifar10_half_merged_ft", "resnet20_cifar10_half_fpgm_ft"])
+def test_half_point_comparison_nets(real_data, name):
+    """Clustering vs pruning after the same 30 epochs at 49.5% fewer MACs (the README's comparison):
+    each shipped export, evaluated in fp32 on the test split, gives its row's top-1 and MACs."""
+    from explorer.analysis.latency import load_export
+    from explorer.compress import count_macs
+    from explorer.evaluate import evaluate
+
+    want = pinned(f"{name}.pt")
+    net = load_export(CKPT / "compressed" / f"{name}.pt")
+    assert round(evaluate(net, real_data.test_images, real_data.test_labels).top1, 4) == want["top1"]
+    assert count_macs(net) == want["macs"]
