@@ -308,3 +308,13 @@ def test_finetune_keeps_a_clustered_residual_stream(tmp_path, method):
     assert layers["conv1"]["filters"] == 12 and layers["layer1.0.conv1"]["in_channels"] == 12
     assert layers["layer1.0.conv1"]["filters"] == 8 and layers["layer3.2.conv2"]["out_channels"] == 48
     assert meta["compression"]["macs"] == meta["finetune"]["macs"]  # the structure did not change while training
+
+
+def test_comparison_table_says_what_each_run_started_from():
+    base = {"status": "complete", "baseline": {"top1": 0.9}, "before": {"top1": 0.5}, "after": {"top1": 0.8},
+            "compression": {"mac_reduction": 0.5}, "epochs_done": 3}
+    legacy = dict(base, name="a", finetune={"method_name": "tied"}, clustering={"ks": {}, "recalibrate_bn": 2000})
+    pruned = dict(base, name="b", finetune={"method_name": "pruned", "pruning": "l1", "recovery": "lsq"})
+    t = finetuned_table([legacy, pruned]).set_index("name")
+    assert t.loc["a", "recovery"] == "bn" and t.loc["b", "recovery"] == "lsq"
+    assert t.loc["b", "method"] == "pruning (l1)" and t.loc["a", "drop_pts"] == pytest.approx(10.0)

@@ -95,6 +95,14 @@ def method_label(meta: dict) -> str:
     return f"clustering ({space}, {name})"
 
 
+def _started_from(meta: dict) -> str:
+    """The recovery a run's reduced net had when training started: the pruning path records it
+    itself; a clustering's comes from its configuration (where a legacy ``recalibrate_bn`` means
+    BN re-estimation)."""
+    recorded = meta.get("finetune", {}).get("recovery")
+    return recorded or ClusteringConfig.from_dict(meta.get("clustering") or {}).recovery
+
+
 def finetuned_table(metas: list[dict]):
     """Finished fine-tuning runs (metadata of :func:`explorer.training.finetune.list_finetuned`) as
     a DataFrame, one row per run: name, method (:func:`method_label`), recovery it started from,
@@ -112,7 +120,7 @@ def finetuned_table(metas: list[dict]):
         base = float(m["baseline"]["top1"])
         centripetal = m["finetune"].get("method_name") == "centripetal"  # trains from the base weights
         rows.append({"name": m["name"], "method": method_label(m),
-                     "recovery": "base weights" if centripetal else m.get("clustering", {}).get("recovery", "none"),
+                     "recovery": "base weights" if centripetal else _started_from(m),
                      "epochs": int(m.get("epochs_done", hp.get("epochs", 0))), "distill": float(hp.get("distill", 0)),
                      "mac_reduction": float(m["compression"]["mac_reduction"]),
                      "before": float(m["before"]["top1"]), "after": float(m["after"]["top1"]),
