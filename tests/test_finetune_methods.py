@@ -224,16 +224,24 @@ def test_precision_auto_follows_native_bf16(monkeypatch, native):
     assert memory_format("bf16", cpu) == torch.channels_last
 
 
-def test_resume_pins_the_precision_used():
-    from explorer.training.loop import Pins
+def test_resume_pins_the_precision_a_run_resolved_to(tmp_path):
+    """--precision auto is pinned as what it resolved to: a run that trained in fp32 (this file, as
+    written by the command) refuses to continue in bf16, and continues in fp32."""
+    cfg = tmp_path / "half.json"
+    cfg.write_text(json.dumps({"ks": {"layer1.0.conv1": 8}, "fold_bn": True}))
+    args = ["--config", str(cfg), "--checkpoint", str(CHECKPOINT), "--synthetic", "40", "--batch-size", "20",
+            "--threads", "1", "--epochs", "2", "--cutout", "0", "--out", str(tmp_path), "--name", "r", "--quiet",
+            "--stop-after", "1", "--precision", "fp32"]
+    assert finetune_main(args) == 0
+    saved = ckpt.load_torch(tmp_path / "r.train.pt")["finetune"]["precision"]
+    assert saved == "fp32"
+    with pytest.raises(ValueError, match="precision was 'fp32'"):
+        from explorer.training.loop import Pins
 
-    pins = Pins("finetune", {"precision": "auto", "lr": 0.02}, frozenset({"lr"}), {"precision_used": "fp32"})
-    pins.check({"finetune": {"precision": "auto", "lr": 0.02}, "precision_used": "fp32"}, "x.train.pt")
-    with pytest.raises(ValueError, match="precision_used"):  # auto resolved to bf16 where it started
-        pins.check({"finetune": {"precision": "auto", "lr": 0.02}, "precision_used": "bf16"}, "x.train.pt")
-    with pytest.raises(ValueError, match="precision was 'bf16'"):  # a file from before "auto"
-        pins.check({"finetune": {"precision": "bf16", "lr": 0.02}}, "x.train.pt")
-    pins.check({"finetune": {"precision": "fp32", "lr": 0.02}}, "x.train.pt")
+        Pins("finetune", {"precision": "bf16"}, frozenset({"precision"})).check({"finetune": {"precision": saved}},
+                                                                              "r.train.pt")
+    assert finetune_main(args[:-2] + ["--precision", "auto", "--resume"]) == (
+        0 if resolve_precision("auto", torch.device("cpu")) == "fp32" else 2)
 
 
 @pytest.mark.parametrize("options, needle", [({"fold_bn": False}, "fold_bn"),

@@ -18,26 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-
 from .. import checkpoints as ckpt
 from ..compress import count_macs, export_onnx, load_compressed, measure_latency
 from ..model import resnet20
-
-
-def narrow_resnet20(state: dict[str, torch.Tensor]) -> nn.Module:
-    """A ResNet20 whose blocks' first convs have the widths of ``state`` (a pruned net's state
-    dict), loaded with it; eval mode. Raises KeyError/RuntimeError for a state dict of another net."""
-    model = resnet20()
-    for name, mod in list(model.named_modules()):
-        if name.endswith(".conv1") and name.startswith("layer"):
-            w = state[f"{name}.weight"]
-            block = model.get_submodule(name.rsplit(".", 1)[0])
-            k = w.shape[0]
-            block.conv1 = nn.Conv2d(w.shape[1], k, 3, block.conv1.stride, 1, bias=False)
-            block.bn1 = nn.BatchNorm2d(k)
-            block.conv2 = nn.Conv2d(k, block.conv2.out_channels, 3, 1, 1, bias=False)
-    model.load_state_dict(state)
-    return model.eval()
+from ..pruning import pruned_structure
 
 
 def load_export(path: str | Path) -> nn.Module:
@@ -47,7 +31,12 @@ def load_export(path: str | Path) -> nn.Module:
     meta_path = path.with_suffix(".json")
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if meta.get("architecture") == "resnet20-pruned":
-        return narrow_resnet20(ckpt.load_torch(path))
+        # The structure is Torch-Pruning's own (explorer.pruning.pruned_structure) for the kept
+        # channels the export names; the weights are the export's.
+        kept = {n: np.asarray(k) for n, k in meta["kept"].items()}
+        net = pruned_structure(resnet20(), kept)
+        net.load_state_dict(ckpt.load_torch(path))
+        return net.eval()
     return load_compressed(path)
 
 

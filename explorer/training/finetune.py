@@ -240,9 +240,8 @@ def _start(ft: FinetuneConfig, trained: nn.Module, base: nn.Module, base_digest:
     fmt = memory_format(precision, device)
     trained.to(device).to(memory_format=fmt)
     optimizer, scheduler, steps = sgd(ft, list(trained.parameters()), len(data.train_labels))
-    pins = Pins("finetune", asdict(ft), frozenset(asdict(ft)) - UNPINNED,
-                {"clustering": config.to_dict(), "base_weights_sha1": base_digest, "dataset": data.identity.to_dict(),
-                 "precision_used": precision})
+    pins = Pins("finetune", {**asdict(ft), "precision": precision}, frozenset(asdict(ft)) - UNPINNED,
+                {"clustering": config.to_dict(), "base_weights_sha1": base_digest, "dataset": data.identity.to_dict()})
     meta = {
         "architecture": "resnet20", "status": "training", "epochs": ft.epochs,
         "dataset": data.identity.to_dict(), "classes": list(CLASSES),

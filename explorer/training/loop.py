@@ -42,10 +42,10 @@ from ..data import CIFAR10Tensors, augment, normalize
 
 SCHEDULES = ("cosine", "step", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
-# Settings a resumed run may change: where files go and how fast it runs. ``precision`` as written
-# ("auto" or a name) is not compared; the precision it resolved to is (``precision_used``, pinned by
-# each command), so an "auto" run cannot switch between fp32 and bf16 when resumed elsewhere.
-UNPINNED = frozenset({"out", "name", "data", "device", "eval_every", "compile", "precision"})
+# Settings a resumed run may change: where files go and how fast it runs. (``precision`` is pinned
+# as it resolved, fp32 or bf16, never as "auto": each command pins :func:`resolve_precision`'s
+# answer, so a run cannot switch precision when resumed on other hardware.)
+UNPINNED = frozenset({"out", "name", "data", "device", "eval_every", "compile"})
 STATUS_EVERY_S = 10.0
 
 
@@ -227,11 +227,6 @@ class Pins:
             if key in saved and saved[key] != self.flags.get(key):
                 raise ValueError(f"--resume: {key} was {saved[key]!r} in {file}, now {self.flags.get(key)!r}; "
                                  f"pass the same value or a new --name")
-        used, written = self.values.get("precision_used"), saved.get("precision")
-        if used and "precision_used" not in state and written in ("fp32", "bf16") and written != used:
-            # A file from before precision "auto": its flag is the precision it trained in.
-            raise ValueError(f"--resume: precision was {written!r} in {file}, now {used!r}; pass --precision "
-                             f"{written} or a new --name")
         for key, want in self.values.items():
             old = state.get(key)
             if old is not None and old != want:

@@ -105,8 +105,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
             forward, device_ids=[device.index] if device.type == "cuda" else None)
 
     meta = _metadata(cfg, data, world, device)
-    pins = Pins("config", asdict(cfg), frozenset(asdict(cfg)) - UNPINNED,
-                {"dataset": data.identity.to_dict(), "precision_used": precision},
+    pins = Pins("config", {**asdict(cfg), "precision": precision}, frozenset(asdict(cfg)) - UNPINNED,
+                {"dataset": data.identity.to_dict()},
                 {"dataset": "point --data at the same dataset"})
     meta["precision_used"] = precision
     hooks = EMAHooks(model, forward, ema, data, precision)
