@@ -638,6 +638,7 @@ def test_stream_url_shows_the_stream_clustered_net(app_env, reference):
     assert metric(at, "Pruned top-1") == charts.pct(want.evaluation.top1)
     assert "residual stream of stage 1" in " ".join(c.value for c in at.caption)
     assert want.compression.macs == 36_606_592  # the stem and stage-1 conv2s write 12 channels
+    assert round(want.evaluation.top1, 4) == 0.8815  # the README's residual-stream table, first row
 
 
 @pytest.mark.realdata

@@ -13,7 +13,7 @@ the headline is computed and drawn first (the labelled preview as soon as it exi
 section picked in the ``tab`` switch is built (a segmented control, not ``st.tabs``, which builds
 every hidden tab on every run); its charts' Vega-Lite specs are cached by content (:func:`chart`),
 so an unchanged chart (the baseline's confusion matrix, a configuration seen before) costs a
-dictionary look-up; and the seed spread waits until the page is idle (:mod:`.spread`).
+dictionary look-up; and the seed spread runs only on request, once the page is idle (:mod:`.spread`).
 """
 from __future__ import annotations
 
@@ -379,7 +379,7 @@ def results(exp: Explorer, config: ClusteringConfig):
     try:
         limits.check(exp.model, config)
         if config.clustered and exp.cached(config) is None:
-            # A quick, labelled answer first (2,000 images, bf16), replaced by the full result.
+            # A quick, labelled answer first (2,000 test images), replaced by the full result.
             ev = exp.preview(config)
             preview.info(sup.preview_text(exp, ev), icon=":material/hourglass_top:")
         streams = f" and {len(config.active_stream)} residual streams" if config.active_stream else ""
