@@ -87,14 +87,18 @@ def cancel(exp) -> None:
         _LATEST.pop(id(exp), None)
 
 
+def _live(fut: Future | None) -> Future | None:
+    """``fut`` unless it is missing or ended abandoned (a superseded spread is started again)."""
+    if fut is None or (fut.done() and isinstance(fut.exception(), SpreadAbandoned)):
+        return None
+    return fut
+
+
 def existing(exp, config: ClusteringConfig, seeds: int = DEFAULT_SEEDS) -> Future | None:
     """The future of ``config``'s seed spread if one was requested (running or finished, not
     abandoned), else None; starts nothing."""
     with _LOCK:
-        fut = _FUTURES.get(_key(exp, config, seeds))
-    if fut is None or (fut.done() and isinstance(fut.exception(), SpreadAbandoned)):
-        return None
-    return fut
+        return _live(_FUTURES.get(_key(exp, config, seeds)))
 
 
 def request(exp, config: ClusteringConfig, seeds: int = DEFAULT_SEEDS) -> Future:
@@ -103,8 +107,8 @@ def request(exp, config: ClusteringConfig, seeds: int = DEFAULT_SEEDS) -> Future
     key = _key(exp, config, seeds)
     with _LOCK:
         _LATEST[id(exp)] = key
-        fut = _FUTURES.get(key)
-        if fut is not None and not (fut.done() and isinstance(fut.exception(), SpreadAbandoned)):
+        fut = _live(_FUTURES.get(key))
+        if fut is not None:
             return fut
         fut = _POOL.submit(_compute, exp, config, seeds, key)
         _FUTURES.put(key, fut)
