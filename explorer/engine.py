@@ -57,6 +57,7 @@ from .compress import CompressedConv, CompressedResNet20
 from .data import normalize
 from .digest import digest
 from .evaluate import Evaluation, evaluation_from_predictions
+from .lru import ActivationCache
 
 DEFAULT_CACHE_MB = int(os.environ.get("EXPLORER_ACTIVATION_CACHE_MB", "1408"))
 CACHED_UNITS = range(0, 9)
@@ -116,12 +117,6 @@ def _run_unit_fused(i: int, unit: torch.nn.Module, x: torch.Tensor) -> torch.Ten
 
 def _head(net: CompressedResNet20, x: torch.Tensor) -> torch.Tensor:
     return net.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
-def _chunks_nbytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    return sum(t.numel() * t.element_size() for t in value)
 
 
 def _gather_pays(filters: int, out_channels: int) -> bool:
@@ -185,51 +180,6 @@ def flip_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
         return math.inf
     top = e.gather(1, approx.argmax(1, keepdim=True))
     return float((e - top).abs().max())
-
-
-class ActivationCache:
-    """Thread-safe LRU of activation tensors bounded by total bytes."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._data: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
-        self.bytes = 0
-
-    def get(self, key: str):
-        with self._lock:
-            t = self._data.get(key)
-            if t is not None:
-                self._data.move_to_end(key)
-            return t
-
-    def put(self, key: str, value) -> None:
-        """Store a tensor or a tuple of tensors (the per-batch chunks of one activation)."""
-        size = _chunks_nbytes(value)
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            if key in self._data:
-                return
-            self._data[key] = value
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, old = self._data.popitem(last=False)
-                self.bytes -= _chunks_nbytes(old)
-
-    def reserve(self, nbytes: int) -> None:
-        """Evict least recently used entries until ``nbytes`` more would fit: called before an
-        evaluation computes the outputs it will store, so that the cache plus those outputs never
-        exceed the bound."""
-        with self._lock:
-            while self._data and self.bytes + nbytes > self.max_bytes:
-                _, old = self._data.popitem(last=False)
-                self.bytes -= _chunks_nbytes(old)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-            self.bytes = 0
 
 
 def stratified_subset(labels: torch.Tensor, per_class: int = 200, seed: int = 0) -> torch.Tensor:

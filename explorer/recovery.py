@@ -25,6 +25,7 @@ Everything here runs in fp32 on the CPU; see ``docs/recovery.md`` for the measur
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
@@ -33,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lru import LRUCache
+from .digest import digest
+from .lru import ActivationCache, LRUCache
 from .model import CONV_LAYERS
 
 POSITIONS_PER_IMAGE = 32
@@ -327,6 +329,24 @@ def first_clustered(clustering) -> int | None:
     return min(idx) if idx else None
 
 
+# Re-fitted prefixes of recent recoveries: for each block boundary, the re-fitted weights before it
+# and the clustered net's activation there on the reference images (fp32: 33 / 17 / 8 MB for 512
+# images in stages 1 / 2 / 3). A slider move re-fits from the block it changed, not from the first
+# clustered layer; the result is bit-identical to a full re-fit (the same operations on the same
+# numbers). Shared by all sessions of a process, bounded in bytes.
+PREFIX_CACHE_MB = int(os.environ.get("EXPLORER_LSQ_PREFIX_CACHE_MB", "192"))
+_PREFIXES = ActivationCache(PREFIX_CACHE_MB * 2**20)
+
+
+def _layer_key(key: str, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, tie: _Tying | None) -> str:
+    """The chained key after layer ``name``: everything its re-fit reads (the applied weights and
+    BatchNorm, its tying) on top of everything before it."""
+    parts = [key, name, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    if tie is not None:
+        parts += [tie.labels, tie.scales, str(tie.folded)]
+    return digest(*parts, length=24)
+
+
 @torch.no_grad()
 def lsq_recover(model: nn.Module, clustering, ref: Reference, refit_classifier: bool = True,
                 bf16: bool | None = None, start: int | None = None) -> nn.Module:
@@ -341,6 +361,11 @@ def lsq_recover(model: nn.Module, clustering, ref: Reference, refit_classifier: 
     classifier is re-fitted to the original logits (``refit_classifier``). The forward passes run
     in bf16 where the CPU has native BF16 (``bf16=None``), the fits in float32/float64. Returns
     ``model`` (eval mode).
+
+    Where a recent recovery from the same reference re-fitted the same layers with the same inputs
+    up to a block boundary (a slider move downstream of it), its re-fitted weights and activation
+    there are reused (:data:`PREFIX_CACHE_MB`): same result, bit for bit, and only the blocks from
+    the changed one on are re-fitted.
 
     ``start``: re-fit from this registry index on instead of the first clustered layer (a pruned
     net, :mod:`explorer.pruning`, has no clusters; its masked channels stay masked).
@@ -359,21 +384,52 @@ def lsq_recover(model: nn.Module, clustering, ref: Reference, refit_classifier: 
     if bf16 is None:
         bf16 = _native_bf16()
     names = [c.name for c in CONV_LAYERS]
+    blocks = list(_blocks(model))
+    convs = [(model.conv1, model.bn1)] + [cb for b in blocks for cb in ((b.conv1, b.bn1), (b.conv2, b.bn2))]
+    refitted = list(range(start, len(names)))
+
+    # Chained keys: keys[i] covers everything the re-fits of layers 0..i-1 read.
+    keys = [None] * (len(names) + 1)
+    if ref.key is not None:
+        keys[0] = digest(ref.key, str((start, bf16, POSITIONS_PER_IMAGE)), length=24)
+        for i, (conv, bn) in enumerate(convs):
+            tie = _tying(names[i], conv, clustering) if i >= start else None
+            keys[i + 1] = _layer_key(keys[i], names[i], conv, bn, tie)
+
+    def boundary_key(b):  # before block b's first conv (registry index 1 + 2b)
+        return None if keys[0] is None else "lsq:" + keys[1 + 2 * b]
 
     def maybe_refit(name, conv, bn, inp, stride, offset=None):
         if names.index(name) >= start:
             _refit_conv(name, conv, bn, inp, stride, ref.layers[name], clustering, offset)
 
     first_block = max(0, (start - 1) // 2)  # registry index 1 + 2b is block b's first conv
-    if start == 0:
+    # Boundaries worth keeping: those after at least one re-fit (the stem's, when it is re-fitted).
+    lowest = first_block if start == 0 else first_block + 1
+    resume = None
+    for b in range(len(blocks) - 1, lowest - 1, -1) if keys[0] is not None else ():
+        hit = _PREFIXES.get(boundary_key(b))
+        if hit is not None:
+            resume = b, hit
+            break
+    if resume is not None:
+        first_block, (h, *weights) = resume
+        done = [i for i in refitted if i < 1 + 2 * first_block]
+        for i, (w, beta) in zip(done, zip(weights[0::2], weights[1::2])):
+            convs[i][0].weight.copy_(w)
+            convs[i][1].bias.copy_(beta)
+    elif start == 0:
         x = normalize(ref.images).contiguous(memory_format=torch.channels_last)
         maybe_refit("conv1", model.conv1, model.bn1, x, 1)
         h = F.relu(model.bn1(_conv(model.conv1, x, bf16)))
     else:  # everything upstream is unchanged: start from the original net's activations
         h = ref.block_inputs[first_block].float()
-    blocks = list(_blocks(model))
     for i in range(first_block, len(blocks)):
         block, prefix = blocks[i], f"layer{i // 3 + 1}.{i % 3}"
+        if keys[0] is not None and i >= lowest and (resume is None or i > resume[0]):
+            done = [j for j in refitted if j < 1 + 2 * i]
+            snap = [t.clone() for j in done for t in (convs[j][0].weight, convs[j][1].bias)]
+            _PREFIXES.put(boundary_key(i), (h, *snap))
         maybe_refit(f"{prefix}.conv1", block.conv1, block.bn1, h, block.stride)
         u = F.relu(block.bn1(_conv(block.conv1, h, bf16)))
         sc = block.shortcut(h)

@@ -35,6 +35,12 @@ HEADLINE = {
     "resnet20_cifar10_half_fpgm_ft.pt": ("4839a189919e48c0e597acbfb65000fb643b6ab2768c9779a614f22b2a7f8d8d", {
         "top1": 0.8748, "macs": 20_497_024,
     }),
+    "resnet20_cifar10_half_merged5_ft.pt": ("94bc8f281c24c927e1fe7d13ead07a1bac6cfa9c1962706b9bc4b3e3c6cccbf8", {
+        "top1": 0.8494, "macs": 20_497_024,
+    }),
+    "resnet20_cifar10_half_centripetal5_ft.pt": ("4ae4f8716eff79226b34a6811bbd6f99c3e5dc1050f8af2f30d9176856571a1e", {
+        "top1": 0.8461, "macs": 20_497_024,
+    }),
 }
 
 
@@ -87,10 +93,12 @@ def test_p58_fine_tuned_net(real_data):
     assert (r.compression.macs, r.compression.params) == (want["macs"], want["params"])
 
 
-@pytest.mark.parametrize("name", ["resnet20_cifar10_half_merged_ft", "resnet20_cifar10_half_fpgm_ft"])
+@pytest.mark.parametrize("name", ["resnet20_cifar10_half_merged_ft", "resnet20_cifar10_half_fpgm_ft",
+                                  "resnet20_cifar10_half_merged5_ft", "resnet20_cifar10_half_centripetal5_ft"])
 def test_half_point_comparison_nets(real_data, name):
-    """Clustering vs pruning after the same 30 epochs at 49.5% fewer MACs (the README's comparison):
-    each shipped export, evaluated in fp32 on the test split, gives its row's top-1 and MACs."""
+    """Clustering vs pruning after the same 30 epochs at 49.5% fewer MACs, and merged vs centripetal
+    fine-tuning after the same 5 (the README's comparisons): each shipped export, evaluated in fp32
+    on the test split, gives its row's top-1 and MACs."""
     from explorer.analysis.latency import load_export
     from explorer.compress import count_macs
     from explorer.evaluate import evaluate

@@ -184,6 +184,36 @@ def test_lsq_keeps_the_clusters_and_compresses_exactly(positive_model, name, spa
     assert err1 < 0.5 * err0
 
 
+def test_lsq_resumes_from_a_cached_prefix_bit_for_bit(positive_model, monkeypatch):
+    """A move downstream re-fits only from its block on, and gives exactly the full re-fit's net;
+    a move upstream re-fits everything."""
+    data = synthetic_cifar10(n_train=160, n_test=8, seed=2)
+    calls = []
+    refit = R._refit_conv
+    monkeypatch.setattr(R, "_refit_conv", lambda name, *a, **kw: (calls.append(name), refit(name, *a, **kw)))
+
+    def run(ks, cold):
+        if cold:
+            R._PREFIXES.clear()
+        calls.clear()
+        m, _ = prune(positive_model, ClusteringConfig(ks=ks, space="data", recovery="lsq", recalibrate_bn=96),
+                     data.train_images)
+        return m.state_dict(), list(calls)
+
+    first = {"conv1": 4, "layer3.1.conv1": 16}
+    moved = {"conv1": 4, "layer3.1.conv1": 24}
+    cold, cold_calls = run(moved, cold=True)
+    assert len(cold_calls) == 19
+    run(first, cold=True)
+    warm, warm_calls = run(moved, cold=False)
+    assert warm_calls == ["layer3.1.conv1", "layer3.1.conv2", "layer3.2.conv1", "layer3.2.conv2"]
+    assert all(torch.equal(cold[k], warm[k]) for k in cold)
+    # conv1's clusters change what every later layer reads: nothing is reused
+    upstream, up_calls = run({"conv1": 5, "layer3.1.conv1": 24}, cold=False)
+    assert len(up_calls) == 19
+    assert not torch.equal(upstream["layer1.0.conv1.weight"], warm["layer1.0.conv1.weight"])
+
+
 def test_lsq_with_nothing_clustered_changes_nothing(model, ref):
     m, c = prune(model, ClusteringConfig(recovery="lsq"), torch.zeros(64, 3, 32, 32, dtype=torch.uint8))
     for a, b in zip(m.state_dict().values(), model.state_dict().values()):
