@@ -329,12 +329,16 @@ def first_clustered(clustering) -> int | None:
     return min(idx) if idx else None
 
 
-# Re-fitted prefixes of recent recoveries: for each block boundary, the re-fitted weights before it
-# and the clustered net's activation there on the reference images (fp32: 33 / 17 / 8 MB for 512
-# images in stages 1 / 2 / 3). A slider move re-fits from the block it changed, not from the first
-# clustered layer; the result is bit-identical to a full re-fit (the same operations on the same
-# numbers). Shared by all sessions of a process, bounded in bytes.
-PREFIX_CACHE_MB = int(os.environ.get("EXPLORER_LSQ_PREFIX_CACHE_MB", "192"))
+# Re-fitted prefixes of recent recoveries: for the block boundaries from the input of layer2.1 on,
+# the re-fitted weights before the boundary and the clustered net's activation there on the
+# reference images (fp32, 512 images: 17 MB in stage 2, 8 MB in stage 3; 59 MB for the five
+# boundaries of one configuration). A slider move re-fits from the block it changed, not from the
+# first clustered layer; the result is bit-identical to a full re-fit (the same operations on the
+# same numbers). Earlier boundaries are not kept: their activations are the largest (33 MB each)
+# and the stage-1 fits they would skip the cheapest (144 inputs per filter against 576 in stage 3).
+# Shared by all sessions of a process, bounded in bytes.
+PREFIX_CACHE_MB = int(os.environ.get("EXPLORER_LSQ_PREFIX_CACHE_MB", "160"))
+_FIRST_KEPT = 4  # block index of layer2.1: its input is the first boundary kept
 _PREFIXES = ActivationCache(PREFIX_CACHE_MB * 2**20)
 
 
@@ -405,7 +409,7 @@ def lsq_recover(model: nn.Module, clustering, ref: Reference, refit_classifier: 
 
     first_block = max(0, (start - 1) // 2)  # registry index 1 + 2b is block b's first conv
     # Boundaries worth keeping: those after at least one re-fit (the stem's, when it is re-fitted).
-    lowest = first_block if start == 0 else first_block + 1
+    lowest = max(_FIRST_KEPT, first_block if start == 0 else first_block + 1)
     resume = None
     for b in range(len(blocks) - 1, lowest - 1, -1) if keys[0] is not None else ():
         hit = _PREFIXES.get(boundary_key(b))

@@ -73,6 +73,8 @@ def test_recovery_cost_compares_variants_on_the_same_changes(tmp_path):
 
     ref = Explorer(load_model(path), synthetic_cifar10(300, 100, seed=2))
     seq = [cfg for _, cfg in bench.random_changes(0, 3)]
-    for v, opts in (("none", {}), ("lsq", {"recovery": "lsq"}), ("data+lsq", {"space": "data", "recovery": "lsq"})):
+    for v, opts in (("none", {}), ("lsq", {"recovery": "lsq"}), ("data+lsq", {"space": "data", "recovery": "lsq"}),
+                    ("data+lsq, no prefix cache", {"space": "data", "recovery": "lsq", "seed": 1})):
         assert r[v]["top1"] == [ref.run(replace(c, **opts)).evaluation.top1 for c in seq], v
-    assert "extra median s" in bench.format_recovery_cost(r)
+    text = bench.format_recovery_cost(r)
+    assert "extra median s" in text and "re-fitted-prefix cache" in text
