@@ -24,8 +24,17 @@ def checkpoint(tmp_path_factory, jpeg_root):
     return stable_checkpoint_dir(tmp_path_factory.mktemp("bench")) / f"{ckpt.DEFAULT_NAME}.pt"
 
 
-def test_moves_table(checkpoint, jpeg_root):
-    r = browser_bench.run_moves(checkpoint, str(jpeg_root), layers=["layer3.2.conv2"], pause_s=0.2)
+@pytest.fixture(scope="module")
+def shared(checkpoint, jpeg_root):
+    """One server and one in-process Explorer for both smoke tests (each start costs tens of seconds)."""
+    with browser_bench.AppServer(checkpoint, str(jpeg_root)) as server:
+        yield server, browser_bench._load_explorer(checkpoint, str(jpeg_root))
+
+
+def test_moves_table(checkpoint, jpeg_root, shared):
+    server, explorer = shared
+    r = browser_bench.run_moves(checkpoint, str(jpeg_root), layers=["layer3.2.conv2"], pause_s=0.2,
+                                server=server, explorer=explorer)
     assert [(m["layer"], m["k"], m["kind"]) for m in r["moves"]] == [("layer3.2.conv2", 1, "new"),
                                                                    ("layer3.2.conv2", 64, "cached")]
     assert r["summary"]["all_shown_as_expected"] and not r["summary"]["server_tracebacks"]
@@ -33,8 +42,10 @@ def test_moves_table(checkpoint, jpeg_root):
     assert "layer3.2.conv2 -> 1 " in table and "(cached)" in table and "server peak RSS" in table
 
 
-def test_load_two_sessions(checkpoint, jpeg_root):
-    r = browser_bench.run_load(checkpoint, str(jpeg_root), sessions=2, minutes=0.2, pause_s=0.2)
+def test_load_two_sessions(checkpoint, jpeg_root, shared):
+    server, explorer = shared
+    r = browser_bench.run_load(checkpoint, str(jpeg_root), sessions=2, minutes=0.2, pause_s=0.2,
+                               server=server, explorer=explorer)
     assert r["exceptions"] == 0 and r["all_sessions_own_results"], r["per_session"]
     assert r["moves"] >= 2 and r["server_peak_rss_mb"] > 0 and not r["server_tracebacks"]
     assert "sessions x" in browser_bench.format_load(r)

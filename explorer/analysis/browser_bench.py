@@ -24,6 +24,7 @@ docs/app.md ("How fast the page answers").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import random
@@ -267,20 +268,33 @@ def _load_explorer(checkpoint: Path, data_root: str | None):
 
 # ---------------------------------------------------------------- one session, one slider at a time
 
+def _serving(server: AppServer | None, checkpoint: Path, data_root: str | None, threads: int | None):
+    """``server`` as a context that leaves it running (a caller's, shared by several runs), else a new one."""
+    if server is not None:
+        return contextlib.nullcontext(server)
+    _log("starting streamlit")
+    return AppServer(checkpoint, data_root, threads)
+
+
 def run_moves(checkpoint: str | Path, data_root: str | None = None, layers=MOVES, pause_s: float = 2.0,
-              timeout_s: float = 900, threads: int | None = None) -> dict:
+              timeout_s: float = 900, threads: int | None = None, server: AppServer | None = None,
+              explorer=None) -> dict:
     """The per-move benchmark of the module doc. ``pause_s``: the wait after each answer before the
-    next key press (a user reading it; long enough for the seed spread to start). Returns a
-    JSON-ready dict: ``moves`` (one row per move) and ``summary``."""
+    next key press (a user reading it; long enough for the seed spread to start). ``server`` /
+    ``explorer``: a running :class:`AppServer` and an in-process Explorer of the same checkpoint to
+    use instead of new ones (the smoke test shares them; a benchmark should not: the engine timings
+    are meant to be taken with no server running). Returns a JSON-ready dict: ``moves`` (one row
+    per move) and ``summary``."""
     checkpoint = Path(checkpoint)
     steps = plan(layers)
     _log(f"engine timings in-process ({len(steps)} moves)")
-    explorer = _load_explorer(checkpoint, data_root)
+    own = explorer is None
+    explorer = _load_explorer(checkpoint, data_root) if own else explorer
     engine_times(explorer, steps)
-    del explorer
-    gc.collect()
-    _log("starting streamlit")
-    with AppServer(checkpoint, data_root, threads) as server:
+    if own:
+        del explorer
+        gc.collect()
+    with _serving(server, checkpoint, data_root, threads) as server:
         rows = asyncio.run(_moves_session(server, steps, pause_s, timeout_s))
         peak = server.peak_rss_mb()
         tracebacks = server.tracebacks()
@@ -355,13 +369,15 @@ def format_moves(r: dict) -> str:
 # ---------------------------------------------------------------- N sessions at once
 
 def run_load(checkpoint: str | Path, data_root: str | None = None, sessions: int = 8, minutes: float = 3.0,
-             seed: int = 0, pause_s: float = 1.0, timeout_s: float = 900, threads: int | None = None) -> dict:
+             seed: int = 0, pause_s: float = 1.0, timeout_s: float = 900, threads: int | None = None,
+             server: AppServer | None = None, explorer=None) -> dict:
     """The load mode of the module doc: ``sessions`` browser contexts, each pressing random slider
     keys (``Home``/``End``/arrows on a random layer) for ``minutes``, ``pause_s`` after each answer.
     Then each session's final headline is checked against an independent Explorer's top-1 of the
-    configuration its URL names. Returns a JSON-ready dict."""
+    configuration its URL names. ``server`` / ``explorer`` as in :func:`run_moves`. Returns a
+    JSON-ready dict."""
     checkpoint = Path(checkpoint)
-    with AppServer(checkpoint, data_root, threads) as server:
+    with _serving(server, checkpoint, data_root, threads) as server:
         stop_rss = threading.Event()
         samples: list[float] = []
 
@@ -379,7 +395,7 @@ def run_load(checkpoint: str | Path, data_root: str | None = None, sessions: int
     from ..clustering import ClusteringConfig
     from ..pipeline import with_app_defaults
 
-    explorer = _load_explorer(checkpoint, data_root)
+    explorer = _load_explorer(checkpoint, data_root) if explorer is None else explorer
     for r in results:
         if r.get("final_query") is None:
             continue
