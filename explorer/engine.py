@@ -411,7 +411,9 @@ class FastEvaluator:
         subset = "preview" if preview else "full"
         prep = _Prepared(net, bf16=self.mixed)
         if not self.mixed:
-            return self._forward(prep, subset, bf16=False).argmax(1)
+            pred = self._forward(prep, subset, bf16=False).argmax(1)
+            release_free_memory()
+            return pred
         logits = self._forward(prep, subset, bf16=True)
         if preview:
             # The preview is the bf16 pass alone: labelled a preview wherever shown, and followed by

@@ -6,6 +6,7 @@ evaluation on the full test split, per-class deltas, compression report), cached
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from . import checkpoints as ckpt
 from .clustering import Clustering, ClusteringConfig, prune
 from .compress import CompressedResNet20, CompressionReport, compress, report
 from .data import CIFAR10Tensors, load_cifar10
-from .engine import FastEvaluator
+from .engine import FastEvaluator, release_free_memory
 from .evaluate import Comparison, Evaluation, evaluate
 from .lru import LRUCache
 
@@ -72,6 +73,9 @@ class PruneResult:
         }
 
 
+_PRUNE_LOCK = threading.RLock()
+
+
 class Explorer:
     """A loaded checkpoint + dataset + baseline evaluation, and a bounded cache of results.
 
@@ -119,13 +123,21 @@ class Explorer:
         return self.engine.evaluate(self._prune(config)[2], preview=True)
 
     def _prune(self, config: ClusteringConfig) -> tuple[torch.nn.Module, Clustering, CompressedResNet20]:
-        """(clustered model, clustering, compressed net) for ``config``, cached for a few configurations."""
+        """(clustered model, clustering, compressed net) for ``config``, cached for a few configurations.
+
+        One configuration is clustered and recovered at a time per process (:data:`_PRUNE_LOCK`):
+        like the engine's evaluations, concurrent ones gain nothing on a few cores, while each holds
+        its own transient patches and activations (8 app sessions at once peaked at 6.4 GB before)."""
         key = config.key()
         hit = self._pruned.get(key)
         if hit is None:
-            model, clustering = prune(self.model, config, self.data.train_images, self.data.train_labels)
-            hit = (model, clustering, compress(model, clustering))
-            self._pruned.put(key, hit)
+            with _PRUNE_LOCK:
+                hit = self._pruned.get(key)  # another session may have made it while this one waited
+                if hit is None:
+                    model, clustering = prune(self.model, config, self.data.train_images, self.data.train_labels)
+                    hit = (model, clustering, compress(model, clustering))
+                    self._pruned.put(key, hit)
+                    release_free_memory()
         return hit
 
     def cached(self, config: ClusteringConfig, latency_batches: tuple[int, ...] = ()) -> PruneResult | None:

@@ -202,3 +202,35 @@ def test_browser_bench_formats_top1_as_the_page():
 
     for x in (0.91234, 0.8913, 0.1, 0.0):
         assert browser_bench._pct_text(x) == charts.pct(x)
+
+
+def test_sessions_cluster_one_configuration_at_a_time(monkeypatch):
+    """Concurrent sessions' clustering + recovery runs one at a time (bounded transient memory), and
+    sessions asking for the same configuration wait for the one run instead of repeating it."""
+    import explorer.pipeline as pipeline
+    from explorer.data import synthetic_cifar10
+    from explorer.model import resnet20
+
+    exp = Explorer(resnet20(), synthetic_cifar10(n_train=64, n_test=20, seed=1), activation_cache_mb=8)
+    active, peak, calls = [0], [0], []
+    lock = threading.Lock()
+
+    def slow_prune(model, config, *a, **kw):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            calls.append(dict(config.active))
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        return model, pipeline.Clustering(config, {})
+
+    monkeypatch.setattr(pipeline, "prune", slow_prune)
+    configs = [ClusteringConfig(ks={"conv1": 4}), ClusteringConfig(ks={"conv1": 4}), ClusteringConfig(ks={"conv1": 5})]
+    threads = [threading.Thread(target=exp._prune, args=(c,)) for c in configs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert peak[0] == 1
+    assert sorted(c["conv1"] for c in calls) == [4, 5]
