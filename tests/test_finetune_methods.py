@@ -326,3 +326,7 @@ def test_comparison_table_says_what_each_run_started_from():
     t = finetuned_table([legacy, pruned]).set_index("name")
     assert t.loc["a", "recovery"] == "bn" and t.loc["b", "recovery"] == "lsq"
     assert t.loc["b", "method"] == "pruning (l1)" and t.loc["a", "drop_pts"] == pytest.approx(10.0)
+    assert t.loc["a", "method"] == "clustering (weight space, tied)"
+    streams = dict(base, name="c", finetune={"method_name": "merged"},
+                   clustering={"ks": {}, "space": "data", "fold_bn": True, "stream": {"1": 14, "3": 64}})
+    assert finetuned_table([streams]).loc[0, "method"] == "clustering (data-aware, merged, residual streams)"

@@ -86,13 +86,16 @@ def table(doc: dict):
 
 def method_label(meta: dict) -> str:
     """How a fine-tuned run reduced the net, from its metadata: "pruning (fpgm)", "clustering
-    (data-aware, merged)", "clustering (weight space, centripetal)"..."""
+    (data-aware, merged)", "clustering (weight space, centripetal)", "clustering (data-aware,
+    merged, residual streams)" (a clustered residual stream, ``ClusteringConfig.stream``)..."""
     ft = meta.get("finetune", {})
     name = ft.get("method_name", "tied")
     if name == "pruned":
         return f"pruning ({ft.get('pruning')})"
-    space = "data-aware" if meta.get("clustering", {}).get("space") == "data" else "weight space"
-    return f"clustering ({space}, {name})"
+    clustering = meta.get("clustering") or {}
+    space = "data-aware" if clustering.get("space") == "data" else "weight space"
+    streams = ", residual streams" if ClusteringConfig.from_dict(clustering).active_stream else ""
+    return f"clustering ({space}, {name}{streams})"
 
 
 def _started_from(meta: dict) -> str:
