@@ -49,7 +49,7 @@ class ActivationCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._data: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._data: OrderedDict[str, torch.Tensor | tuple[torch.Tensor, ...]] = OrderedDict()
         self._lock = threading.Lock()
         self.bytes = 0
 

@@ -6,6 +6,7 @@ evaluation on the full test split, per-class deltas, compression report), cached
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -122,16 +123,19 @@ class Explorer:
         A preview, to be labelled as such; :meth:`run` gives the full result."""
         return self.engine.evaluate(self._prune(config)[2], preview=True)
 
-    def _prune(self, config: ClusteringConfig) -> tuple[torch.nn.Module, Clustering, CompressedResNet20]:
+    def _prune(self, config: ClusteringConfig, *, exclusive: bool = True
+               ) -> tuple[torch.nn.Module, Clustering, CompressedResNet20]:
         """(clustered model, clustering, compressed net) for ``config``, cached for a few configurations.
 
         One configuration is clustered and recovered at a time per process (:data:`_PRUNE_LOCK`):
         like the engine's evaluations, concurrent ones gain nothing on a few cores, while each holds
-        its own transient patches and activations (8 app sessions at once peaked at 6.4 GB before)."""
+        its own transient patches and activations (8 app sessions at once peaked at 6.4 GB before).
+        ``exclusive=False`` skips that queue: the seed spread's thread, at low priority, must not
+        hold the lock a slider move waits for (so at most one clustering runs beside the queue)."""
         key = config.key()
         hit = self._pruned.get(key)
         if hit is None:
-            with _PRUNE_LOCK:
+            with _PRUNE_LOCK if exclusive else contextlib.nullcontext():
                 hit = self._pruned.get(key)  # another session may have made it while this one waited
                 if hit is None:
                     model, clustering = prune(self.model, config, self.data.train_images, self.data.train_labels)
@@ -144,8 +148,10 @@ class Explorer:
         """The result of :meth:`run` for ``config`` if it is in the cache, else None (no work)."""
         return self._cache.get(config.key() + repr(latency_batches))
 
-    def run(self, config: ClusteringConfig, latency_batches: tuple[int, ...] = ()) -> PruneResult:
-        """Cluster, apply, evaluate and compress for ``config`` (cached per configuration).
+    def run(self, config: ClusteringConfig, latency_batches: tuple[int, ...] = (), *, exclusive: bool = True
+            ) -> PruneResult:
+        """Cluster, apply, evaluate and compress for ``config`` (cached per configuration);
+        ``exclusive`` as in :meth:`_prune`.
 
         Raises ClusteringError for an invalid configuration.
         """
@@ -161,7 +167,7 @@ class Explorer:
             small = compress(model, clustering)
             ev = self.baseline
         else:
-            model, clustering, small = self._prune(config)
+            model, clustering, small = self._prune(config, exclusive=exclusive)
             ev = self.engine.evaluate(small)
         result = PruneResult(config, clustering, model, small, ev, Comparison(self.baseline, ev),
                              report(small, self.model, latency_batches))
@@ -206,10 +212,10 @@ class Explorer:
             if stop is not None and stop():
                 raise SpreadAbandoned(config.key())
             if stop is not None and cfg.clustered and self.cached(cfg) is None:
-                self._prune(cfg)
+                self._prune(cfg, exclusive=False)
                 if stop():
                     raise SpreadAbandoned(config.key())
-            tops.append(self.run(cfg).evaluation.top1)
+            tops.append(self.run(cfg, exclusive=False).evaluation.top1)
         return {"seeds": list(range(seeds)), "top1": tops, "min": min(tops),
                 "median": statistics.median(tops), "max": max(tops)}
 

@@ -124,7 +124,7 @@ class Reference:
     layers: dict[str, LayerReference]
     block_inputs: tuple[torch.Tensor, ...]
     logits: torch.Tensor
-    key: str | None = None  # the caller's digest of model and images (cache keys of what it feeds)
+    key: str | None = None  # the caller's digest of model and images, with the positions drawn (cache keys of what it feeds)
 
     def sigma(self, name: str, with_bias: bool) -> np.ndarray:
         """Second moment of layer ``name``'s input patches, (channel, dy, dx) order: (D, D), or
@@ -187,7 +187,10 @@ def reference(model: nn.Module, images: torch.Tensor, digest: str | None = None,
         tap(f"{prefix}.conv2", u, out, 1)
         h = F.relu(out)
     logits = model.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
-    ref = Reference(images, layers, tuple(inputs), logits.float(), digest)
+    # The key names the positions too: what is cached under it (k-means in this metric, re-fitted
+    # prefixes) depends on them.
+    ref = Reference(images, layers, tuple(inputs), logits.float(),
+                    None if digest is None else f"{digest}:{per_image}:{seed}")
     if key is not None:
         with _LOCK:
             _REFERENCES.put(key, ref)
@@ -331,8 +334,9 @@ def first_clustered(clustering) -> int | None:
 
 # Re-fitted prefixes of recent recoveries: for the block boundaries from the input of layer2.1 on,
 # the re-fitted weights before the boundary and the clustered net's activation there on the
-# reference images (fp32, 512 images: 17 MB in stage 2, 8 MB in stage 3; 59 MB for the five
-# boundaries of one configuration). A slider move re-fits from the block it changed, not from the
+# reference images (fp32, 512 images: 17 MB for the inputs of layer2.1, layer2.2 and layer3.0, 8 MB
+# for those of layer3.1 and layer3.2; about 70 MB for one configuration with its weights, so the
+# default bound holds about two). A slider move re-fits from the block it changed, not from the
 # first clustered layer; the result is bit-identical to a full re-fit (the same operations on the
 # same numbers). Earlier boundaries are not kept: their activations are the largest (33 MB each)
 # and the stage-1 fits they would skip the cheapest (144 inputs per filter against 576 in stage 3).
@@ -395,7 +399,7 @@ def lsq_recover(model: nn.Module, clustering, ref: Reference, refit_classifier: 
     # Chained keys: keys[i] covers everything the re-fits of layers 0..i-1 read.
     keys = [None] * (len(names) + 1)
     if ref.key is not None:
-        keys[0] = digest(ref.key, str((start, bf16, POSITIONS_PER_IMAGE)), length=24)
+        keys[0] = digest(ref.key, str((start, bf16)), length=24)
         for i, (conv, bn) in enumerate(convs):
             tie = _tying(names[i], conv, clustering) if i >= start else None
             keys[i + 1] = _layer_key(keys[i], names[i], conv, bn, tie)
@@ -417,6 +421,8 @@ def lsq_recover(model: nn.Module, clustering, ref: Reference, refit_classifier: 
             resume = b, hit
             break
     if resume is not None:
+        # ``h`` is the cached tensor itself (no copy): nothing below writes into its input (a
+        # stride-1 shortcut returns it as is), so the entry stays as stored.
         first_block, (h, *weights) = resume
         done = [i for i in refitted if i < 1 + 2 * first_block]
         for i, (w, beta) in zip(done, zip(weights[0::2], weights[1::2])):

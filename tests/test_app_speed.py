@@ -143,14 +143,17 @@ class _FakeExplorer:
     def __init__(self):
         self.ran: list[float] = []
         self.pruned: list[int] = []
+        self.exclusive: set[bool] = set()
 
     def cached(self, config):
         return None
 
-    def _prune(self, config):  # clustering first, then the spread asks again before the evaluation
+    def _prune(self, config, exclusive=True):  # clustering first, then the spread asks again before the evaluation
         self.pruned.append(config.seed)
+        self.exclusive.add(exclusive)
 
-    def run(self, config):
+    def run(self, config, exclusive=True):
+        self.exclusive.add(exclusive)
         self.ran.append(time.monotonic())
         return SimpleNamespace(evaluation=SimpleNamespace(top1=0.5 + config.seed / 100))
 
@@ -166,6 +169,7 @@ def test_seed_spread_waits_until_the_page_is_idle(monkeypatch):
         ended = time.monotonic()
     assert fut.result(timeout=10)["top1"] == [0.5, 0.51, 0.52]
     assert exp.ran[0] - ended >= 0.3  # not before the page has been idle IDLE_S seconds
+    assert exp.exclusive == {False}  # never queued on the clustering lock a slider move waits for
 
 
 def test_seed_spread_of_a_superseded_configuration_stops(monkeypatch):
@@ -187,9 +191,9 @@ def test_seed_spread_thread_runs_at_lower_priority(monkeypatch):
     seen = {}
 
     class Probe(_FakeExplorer):
-        def run(self, config):
+        def run(self, config, exclusive=True):
             seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-            return super().run(config)
+            return super().run(config, exclusive)
 
     monkeypatch.setattr(spread, "IDLE_S", 0.0)
     spread.request(Probe(), ClusteringConfig(ks={"conv1": 3}), seeds=1).result(timeout=10)

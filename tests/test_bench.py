@@ -63,7 +63,11 @@ def test_recovery_cost_compares_variants_on_the_same_changes(tmp_path):
     torch.manual_seed(1)
     path = tmp_path / "random.pt"
     save_torch(resnet20().state_dict(), path)
+    from explorer import recovery
+
+    process_cache = recovery._PREFIXES
     r = bench.recovery_cost(str(path), None, changes=3, seed=0, data=synthetic_cifar10(300, 100, seed=2))
+    assert recovery._PREFIXES is process_cache  # the per-variant caches were swapped back
     assert r["changes"] == 3 and set(r) >= {"none", "lsq", "data+lsq"}
     # what was timed is the sequence's configurations with each recovery: an Explorer of its own agrees
     from dataclasses import replace

@@ -184,34 +184,50 @@ def test_lsq_keeps_the_clusters_and_compresses_exactly(positive_model, name, spa
     assert err1 < 0.5 * err0
 
 
-def test_lsq_resumes_from_a_cached_prefix_bit_for_bit(positive_model, monkeypatch):
+RESUME_CASES = {
+    # name: (options, first configuration, the move, re-fits of a full run, first layer re-fitted
+    # after the move, an upstream change: (options, k) that must re-fit everything again)
+    "from the stem": ({}, {"conv1": 4, "layer3.1.conv1": 16}, {"layer3.1.conv1": 24}, 19, "layer3.1.conv1",
+                      ({}, {"conv1": 5})),
+    "from stage 2": ({}, {"layer2.0.conv2": 8, "layer3.2.conv1": 16}, {"layer3.2.conv1": 24}, 11, "layer3.2.conv1",
+                     ({}, {"layer2.0.conv2": 9})),
+    "cosine": ({"metric": "cosine"}, {"conv1": 4, "layer2.2.conv1": 16}, {"layer2.2.conv1": 24}, 19, "layer2.2.conv1",
+               ({}, {"conv1": 5})),
+    "residual stream": ({"fold_bn": True, "stream": {1: 12}}, {"layer3.0.conv1": 32}, {"layer3.0.conv1": 48}, 19,
+                        "layer3.0.conv1", ({"stream": {1: 13}}, {})),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_lsq_resumes_from_a_cached_prefix_bit_for_bit(positive_model, monkeypatch, case):
     """A move downstream re-fits only from its block on, and gives exactly the full re-fit's net;
     a move upstream re-fits everything."""
+    opts, first, move, full, resumed_at, (up_opts, up_ks) = RESUME_CASES[case]
     data = synthetic_cifar10(n_train=160, n_test=8, seed=2)
     calls = []
     refit = R._refit_conv
     monkeypatch.setattr(R, "_refit_conv", lambda name, *a, **kw: (calls.append(name), refit(name, *a, **kw)))
+    names = [c.name for c in R.CONV_LAYERS]
 
-    def run(ks, cold):
+    def run(ks, cold, options=opts):
         if cold:
             R._PREFIXES.clear()
         calls.clear()
-        m, _ = prune(positive_model, ClusteringConfig(ks=ks, space="data", recovery="lsq", recalibrate_bn=96),
+        m, _ = prune(positive_model, ClusteringConfig(ks=ks, space="data", recovery="lsq", recalibrate_bn=96, **options),
                      data.train_images)
         return m.state_dict(), list(calls)
 
-    first = {"conv1": 4, "layer3.1.conv1": 16}
-    moved = {"conv1": 4, "layer3.1.conv1": 24}
+    moved = {**first, **move}
     cold, cold_calls = run(moved, cold=True)
-    assert len(cold_calls) == 19
+    assert len(cold_calls) == full
     run(first, cold=True)
     warm, warm_calls = run(moved, cold=False)
-    assert warm_calls == ["layer3.1.conv1", "layer3.1.conv2", "layer3.2.conv1", "layer3.2.conv2"]
+    assert warm_calls == names[names.index(resumed_at):]
     assert all(torch.equal(cold[k], warm[k]) for k in cold)
-    # conv1's clusters change what every later layer reads: nothing is reused
-    upstream, up_calls = run({"conv1": 5, "layer3.1.conv1": 24}, cold=False)
-    assert len(up_calls) == 19
-    assert not torch.equal(upstream["layer1.0.conv1.weight"], warm["layer1.0.conv1.weight"])
+    # an earlier layer's clusters change what every later layer reads: nothing is reused
+    upstream, up_calls = run({**moved, **up_ks}, cold=False, options={**opts, **up_opts})
+    assert len(up_calls) == full
+    assert not torch.equal(upstream[f"{resumed_at}.weight"], warm[f"{resumed_at}.weight"])
 
 
 def test_lsq_with_nothing_clustered_changes_nothing(model, ref):

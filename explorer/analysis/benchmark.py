@@ -204,7 +204,9 @@ def recovery_cost(checkpoint: str, data_root: str | None, changes: int = 20, see
                 "data+lsq, no prefix cache": {"space": "data", "recovery": "lsq", "seed": 1}}
     # Each variant gets its own re-fitted-prefix cache, as if it were the only session (interleaved
     # variants would otherwise evict each other's prefixes); the last one none at all. Its k-means
-    # seed differs only so that it cannot reuse the third variant's cached nets.
+    # seed differs only so that it cannot reuse the third variant's cached nets (so its clusterings,
+    # and top-1, differ too). The swap is of a module global: nothing else in this process may
+    # re-fit meanwhile (a benchmark process runs nothing else).
     prefixes = {v: ActivationCache(recovery.PREFIX_CACHE_MB * 2**20 if v != "data+lsq, no prefix cache" else 0)
                 for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
