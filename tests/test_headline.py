@@ -41,6 +41,9 @@ HEADLINE = {
     "resnet20_cifar10_half_centripetal5_ft.pt": ("4ae4f8716eff79226b34a6811bbd6f99c3e5dc1050f8af2f30d9176856571a1e", {
         "top1": 0.8461, "macs": 20_497_024,
     }),
+    "resnet20_cifar10_stream50_merged_ft.pt": ("b07d0562caa37f424f3815a638f475b6268b46821ccaca98b291fc586657c332", {
+        "top1": 0.8702, "macs": 20_063_792,
+    }),
 }
 
 
@@ -94,11 +97,13 @@ def test_p58_fine_tuned_net(real_data):
 
 
 @pytest.mark.parametrize("name", ["resnet20_cifar10_half_merged_ft", "resnet20_cifar10_half_fpgm_ft",
-                                  "resnet20_cifar10_half_merged5_ft", "resnet20_cifar10_half_centripetal5_ft"])
+                                  "resnet20_cifar10_half_merged5_ft", "resnet20_cifar10_half_centripetal5_ft",
+                                  "resnet20_cifar10_stream50_merged_ft"])
 def test_half_point_comparison_nets(real_data, name):
-    """Clustering vs pruning after the same 30 epochs at 49.5% fewer MACs, and merged vs centripetal
-    fine-tuning after the same 5 (the README's comparisons): each shipped export, evaluated in fp32
-    on the test split, gives its row's top-1 and MACs."""
+    """Clustering vs pruning after the same 30 epochs at 49.5% fewer MACs (and clustering with
+    residual streams at 50.5%), and merged vs centripetal fine-tuning after the same 5 (the README's
+    comparisons): each shipped export, evaluated in fp32 on the test split, gives its row's top-1
+    and MACs."""
     from explorer.analysis.latency import load_export
     from explorer.compress import count_macs
     from explorer.evaluate import evaluate
