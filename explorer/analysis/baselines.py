@@ -13,7 +13,6 @@ import torch
 from .. import pruning
 from ..clustering import ClusteringConfig
 from ..compress import compress, count_macs
-from ..model import STREAM_STAGES, stream_width
 from .results import header, open_results, save_results
 
 SUFFIX = ".baselines.json"
@@ -95,11 +94,8 @@ def method_label(meta: dict) -> str:
         return f"pruning ({ft.get('pruning')})"
     clustering = meta.get("clustering") or {}
     space = "data-aware" if clustering.get("space") == "data" else "weight space"
-    # Read leniently: one odd metadata file must not take the whole table down.
-    stream = clustering.get("stream") or {}
-    active = any(str(s).isdigit() and int(s) in STREAM_STAGES and isinstance(k, int) and k < stream_width(int(s))
-                 for s, k in stream.items())
-    streams = ", residual streams" if active else ""
+    # Parsed like _started_from parses the same metadata: the configuration's own active_stream.
+    streams = ", residual streams" if ClusteringConfig.from_dict(clustering).active_stream else ""
     return f"clustering ({space}, {name}{streams})"
 
 
