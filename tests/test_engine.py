@@ -209,3 +209,29 @@ def test_engine_matches_eager_fp32_on_the_real_test_split(real_data, shipped_mod
         ref = predict_logits(model, images)
         assert (fe.logits(net) - ref).abs().max() < 1e-3
         assert int((fe.predictions(net) != ref.argmax(1)).sum()) <= 3
+
+
+def test_fp32_full_run_after_its_preview_computes_only_the_other_rows(random_model, monkeypatch):
+    images = torch.randint(0, 256, (90, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(90) % 10
+    fe = FastEvaluator(images, labels, batch_size=20, preview_per_class=3, mixed=False)
+    assert len(fe.preview_index) == 30 and len(fe.rest_index) == 60
+    assert torch.equal(torch.sort(torch.cat([fe.preview_index, fe.rest_index])).values, torch.arange(90))
+    rows = []
+    real = engine._run_unit
+    monkeypatch.setattr(engine, "_run_unit", lambda i, u, x: (rows.append(len(x)) if i == 0 else None) or real(i, u, x))
+    model, cl = prune(random_model, ClusteringConfig().with_k("conv1", 4).with_k("layer2.0.conv1", 8))
+    net = compress(model, cl)
+    ref = predict_logits(model, images)
+    assert torch.equal(fe.predictions(net, preview=True), ref[fe.preview_index].argmax(1))  # fp32: exact
+    assert sum(rows) == 30
+    got = fe.logits(net)
+    assert sum(rows) == 90  # the full run computed the 60 other rows only
+    assert (got - ref).abs().max() < 1e-4
+    assert torch.equal(fe.predictions(net), ref.argmax(1)) and sum(rows) == 90  # the logits are cached
+    # A change downstream resumes both parts from their own cached activations, not the input.
+    model2, cl2 = prune(random_model, ClusteringConfig().with_k("conv1", 4).with_k("layer2.0.conv1", 8)
+                        .with_k("layer3.2.conv2", 4))
+    assert torch.equal(fe.predictions(compress(model2, cl2)), predict_logits(model2, images).argmax(1))
+    assert sum(rows) == 90
+    assert fe.cache.bytes <= fe.cache.max_bytes

@@ -182,6 +182,22 @@ def test_explorer_preview_and_run_of_one_slider_move_prune_once(base_model, synt
     assert len(prev.predictions) == len(ex.engine.preview_index) and len(r.evaluation.predictions) == len(synthetic.test_labels)
 
 
+def test_explorer_warm_leaves_the_first_data_aware_move_no_reference_to_compute(base_model, synthetic, monkeypatch):
+    from explorer import recovery
+
+    ex = pipeline.Explorer(base_model, synthetic, "tiny")
+    computed = []
+    real = recovery._sample_positions
+    monkeypatch.setattr(recovery, "_sample_positions", lambda *a: computed.append(1) or real(*a))
+    recovery._REFERENCES.data.clear()
+    ex.warm(ClusteringConfig(space="weight", recovery="none"))
+    assert computed == []  # nothing reads the reference there
+    ex.warm()
+    assert len(computed) == 19  # one tap per conv layer: the reference of the app's defaults
+    ex._prune(pipeline.app_default_config().with_k("conv1", 3))
+    assert len(computed) == 19  # the move reused it
+
+
 # ---------------------------------------------------------------- CLI happy paths (synthetic data)
 
 def test_cli_json_with_save(checkpoint, fake_data, tmp_path, capsys, base_model, synthetic):

@@ -60,7 +60,9 @@ def load_data(root: str | None):
 @st.cache_resource(show_spinner="Loading the checkpoint and evaluating it on the 10,000 test images...", max_entries=4)
 def load_explorer(digest: str, data_root: str | None, _weights: bytes, _name: str) -> Explorer:
     """One Explorer per weights content (``digest``), shared by all sessions and never mutated."""
-    return Explorer(sup.model_from_bytes(_weights, f"{_name}.pt"), load_data(data_root), _name)
+    exp = Explorer(sup.model_from_bytes(_weights, f"{_name}.pt"), load_data(data_root), _name)
+    exp.warm()
+    return exp
 
 
 @st.cache_resource(show_spinner="Evaluating the uploaded checkpoint on the 10,000 test images...",
@@ -68,8 +70,10 @@ def load_explorer(digest: str, data_root: str | None, _weights: bytes, _name: st
 def load_upload_explorer(digest: str, data_root: str | None, _weights: bytes, _name: str) -> Explorer:
     """An uploaded checkpoint's Explorer, keyed by its content (so only a session holding the same bytes
     reaches it); kept apart from the shipped checkpoints' and bounded in number and activation cache."""
-    return Explorer(sup.model_from_bytes(_weights, f"{_name}.pt"), load_data(data_root), _name,
-                    activation_cache_mb=sup.UPLOAD_ACTIVATION_CACHE_MB)
+    exp = Explorer(sup.model_from_bytes(_weights, f"{_name}.pt"), load_data(data_root), _name,
+                   activation_cache_mb=sup.UPLOAD_ACTIVATION_CACHE_MB)
+    exp.warm()
+    return exp
 
 
 def layer_label(name: str) -> str:
