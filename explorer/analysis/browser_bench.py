@@ -263,7 +263,9 @@ def _load_explorer(checkpoint: Path, data_root: str | None):
     from ..data import load_cifar10
     from ..pipeline import Explorer
 
-    return Explorer(ckpt.load_model(checkpoint), load_cifar10(data_root), checkpoint.stem)
+    exp = Explorer(ckpt.load_model(checkpoint), load_cifar10(data_root), checkpoint.stem)
+    exp.warm()  # as the app's loader does: the first move's engine time leaves out the same work
+    return exp
 
 
 # ---------------------------------------------------------------- one session, one slider at a time
