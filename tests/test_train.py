@@ -277,3 +277,14 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert 0.0 <= log[0]["train_top1"] <= 1.0
     assert ckpt.read_json(f["status"])["state"] == "complete"
     assert not list(out.glob(".*.tmp"))
+
+
+def test_the_loop_accepts_a_compiled_forward():
+    # --compile used to fail before the first step: the loop asked the torch.compile wrapper for
+    # its truth value, which it answers through len() (a TypeError for ResNet20).
+    from explorer.model import resnet20
+    from explorer.training.loop import Hooks
+
+    m = resnet20()
+    fwd = torch.compile(m)  # lazy: nothing compiles until it is called
+    assert Hooks(m, fwd).forward is fwd and Hooks(m).forward is m

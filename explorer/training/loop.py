@@ -172,7 +172,8 @@ class Hooks:
 
     def __init__(self, model: nn.Module, forward=None):
         self.model = model
-        self.forward = forward or model  # e.g. a torch.compile'd or DDP-wrapped model
+        # `forward or model` would ask a torch.compile wrapper for its len() (a TypeError for ResNet20)
+        self.forward = model if forward is None else forward  # e.g. a torch.compile'd or DDP-wrapped model
 
     def loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, cfg: LoopConfig) -> torch.Tensor:
         """Cross-entropy with label smoothing, in fp32, for logits (B, 10) and labels (B,)."""
