@@ -394,7 +394,6 @@ def lsq_recover(model: nn.Module, clustering, ref: Reference, refit_classifier: 
     names = [c.name for c in CONV_LAYERS]
     blocks = list(_blocks(model))
     convs = [(model.conv1, model.bn1)] + [cb for b in blocks for cb in ((b.conv1, b.bn1), (b.conv2, b.bn2))]
-    refitted = list(range(start, len(names)))
 
     # Chained keys: keys[i] covers everything the re-fits of layers 0..i-1 read.
     keys = [None] * (len(names) + 1)
@@ -424,7 +423,7 @@ def lsq_recover(model: nn.Module, clustering, ref: Reference, refit_classifier: 
         # ``h`` is the cached tensor itself (no copy): nothing below writes into its input (a
         # stride-1 shortcut returns it as is), so the entry stays as stored.
         first_block, (h, *weights) = resume
-        done = [i for i in refitted if i < 1 + 2 * first_block]
+        done = range(start, 1 + 2 * first_block)  # the layers re-fitted before the boundary
         for i, (w, beta) in zip(done, zip(weights[0::2], weights[1::2])):
             convs[i][0].weight.copy_(w)
             convs[i][1].bias.copy_(beta)
@@ -437,7 +436,7 @@ def lsq_recover(model: nn.Module, clustering, ref: Reference, refit_classifier: 
     for i in range(first_block, len(blocks)):
         block, prefix = blocks[i], f"layer{i // 3 + 1}.{i % 3}"
         if keys[0] is not None and i >= lowest and (resume is None or i > resume[0]):
-            done = [j for j in refitted if j < 1 + 2 * i]
+            done = range(start, 1 + 2 * i)
             snap = [t.clone() for j in done for t in (convs[j][0].weight, convs[j][1].bias)]
             _PREFIXES.put(boundary_key(i), (h, *snap))
         maybe_refit(f"{prefix}.conv1", block.conv1, block.bn1, h, block.stride)
