@@ -19,7 +19,8 @@ pytestmark = pytest.mark.realdata
 
 REPO = Path(__file__).resolve().parent.parent
 CKPT = REPO / "checkpoints"
-# checkpoint file -> (sha256 of its bytes, the README's figures for it)
+# checkpoint file -> (sha256 of its bytes, the README's figures for it; for the nets measured from their
+# compressed export, that file's sha256 too)
 HEADLINE = {
     "resnet20_cifar10.pt": ("1bac31f722154c04d79186bdfa83691421230c28b2ebe91db1a64f0c0fb28a3d", {
         "baseline_top1": 0.8913,
@@ -31,18 +32,23 @@ HEADLINE = {
     }),
     "resnet20_cifar10_half_merged_ft.pt": ("34f3294412576623affbedf77df8c88fc5b286d6f6d0d3a2dc1700ad866a04de", {
         "top1": 0.8677, "macs": 20_497_024,
+        "export_sha256": "0af3350db6e8ed404faed54fe543305e76ca8ad5bfaf95d06356fd62185a9155",
     }),
     "resnet20_cifar10_half_fpgm_ft.pt": ("4839a189919e48c0e597acbfb65000fb643b6ab2768c9779a614f22b2a7f8d8d", {
         "top1": 0.8748, "macs": 20_497_024,
+        "export_sha256": "deb74bbfd2112dc0e62d4a8150816676f0787dfb985413c1335147bd52085aa6",
     }),
     "resnet20_cifar10_half_merged5_ft.pt": ("94bc8f281c24c927e1fe7d13ead07a1bac6cfa9c1962706b9bc4b3e3c6cccbf8", {
         "top1": 0.8494, "macs": 20_497_024,
+        "export_sha256": "14df8d6758223e8037a83e31f293568ccd221841fe60230284f8b175838ccc0d",
     }),
     "resnet20_cifar10_half_centripetal5_ft.pt": ("4ae4f8716eff79226b34a6811bbd6f99c3e5dc1050f8af2f30d9176856571a1e", {
         "top1": 0.8461, "macs": 20_497_024,
+        "export_sha256": "75222dc13b466038c048b88a6f1779725df131eefdd134cd5ca90e1efb2aef0a",
     }),
     "resnet20_cifar10_stream50_merged_ft.pt": ("b07d0562caa37f424f3815a638f475b6268b46821ccaca98b291fc586657c332", {
         "top1": 0.8702, "macs": 20_063_792,
+        "export_sha256": "3c71cb37b7f9d77bab386e6a6de5390fc2fe021619e48bef605e7d747e6a0af7",
     }),
 }
 
@@ -109,6 +115,10 @@ def test_half_point_comparison_nets(real_data, name):
     from explorer.evaluate import evaluate
 
     want = pinned(f"{name}.pt")
-    net = load_export(CKPT / "compressed" / f"{name}.pt")
+    export = CKPT / "compressed" / f"{name}.pt"
+    sha = digest(export.read_bytes(), algorithm="sha256")
+    assert sha == want["export_sha256"], (f"{export} is not the export the README's figures were measured on "
+                                          f"(sha256 {sha}); re-measure and update tests/test_headline.py")
+    net = load_export(export)
     assert round(evaluate(net, real_data.test_images, real_data.test_labels).top1, 4) == want["top1"]
     assert count_macs(net) == want["macs"]
