@@ -17,7 +17,7 @@ from ..data import CLASSES
 from ..model import CONV_LAYER_NAMES
 
 LAYER_ORDER = list(CONV_LAYER_NAMES)
-SOURCE_COLORS = {"greedy": "#e4572e", "uniform": "#4c78a8", "fine-tuned": "#2e9e4f", "baseline": "#9aa5b1"}
+SOURCE_COLORS = {"greedy": "#e4572e", "uniform": "#4c78a8", "fine-tuned": "#2e9e4f", "fine-tuned, pruned": "#b279a2", "baseline": "#9aa5b1"}
 
 
 def _title(text: str, subtitle: str | None = None):

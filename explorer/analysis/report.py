@@ -449,14 +449,29 @@ def options_label(cfg: ClusteringConfig, long: bool = False) -> str:
     return ", ".join(parts)
 
 
+def _resnet20_params() -> int:
+    from ..model import resnet20
+
+    return sum(p.numel() for p in resnet20().parameters())
+
+
 def finetuned_points(metas: list[dict], baseline_top1: float) -> pd.DataFrame:
     """The finished fine-tuning results among ``metas`` as extra rows (source "fine-tuned") for
     :func:`explorer.analysis.charts.pareto_chart`, in the columns of
-    :func:`explorer.analysis.search.pareto_table`. Empty when none is finished."""
-    return pd.DataFrame([{"source": "fine-tuned", "top1": m["after"]["top1"],
-                          "drop_pts": 100 * (baseline_top1 - m["after"]["top1"]),
-                          "macs": m["compression"]["macs"], "params": m["compression"]["params"],
-                          "mac_reduction": m["compression"]["mac_reduction"],
-                          "compression_ratio": m["compression"]["compression_ratio"],
-                          "config": json.dumps(m["clustering"]["ks"]), "pareto_macs": False,
-                          "pareto_params": False} for m in metas if m.get("status") == "complete"])
+    :func:`explorer.analysis.search.pareto_table`. Empty when none is finished.
+
+    A pruning baseline's run (metadata ``pruning``, no ``clustering``) is a row of its own source,
+    "fine-tuned, pruned"; its net has no shared filters, so its compression ratio is the parameter
+    ratio."""
+    rows = []
+    for m in metas:
+        if m.get("status") != "complete":
+            continue
+        c, pruned = m["compression"], "clustering" not in m
+        rows.append({"source": "fine-tuned, pruned" if pruned else "fine-tuned", "top1": m["after"]["top1"],
+                     "drop_pts": 100 * (baseline_top1 - m["after"]["top1"]),
+                     "macs": c["macs"], "params": c["params"], "mac_reduction": c["mac_reduction"],
+                     "compression_ratio": c.get("compression_ratio", _resnet20_params() / c["params"]),
+                     "config": json.dumps(m["pruning" if pruned else "clustering"]["ks"]), "pareto_macs": False,
+                     "pareto_params": False})
+    return pd.DataFrame(rows)
