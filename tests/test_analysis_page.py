@@ -209,6 +209,27 @@ def test_analysis_page_renders_the_results(env, tmp_path):
     assert any("still training" in c.value for c in at.caption)
 
 
+def test_a_pruning_baselines_run_is_listed_beside_the_clustering_ones(env, tmp_path):
+    # The shipped FPGM run (metadata "pruning", no "clustering") made the whole fine-tuning table
+    # a warning, "A fine-tuning result could not be read: 'clustering'".
+    d = checkpoint_dir(tmp_path / "ckpts")
+    write_finetuned(d, f"{NAME}_fpgm_ft", complete=True)
+    meta = ckpt.read_json(d / f"{NAME}_fpgm_ft.json")
+    del meta["clustering"], meta["compression"]["compression_ratio"], meta["compression"]["baseline_params"]
+    meta["pruning"] = {"criterion": "fpgm", "ks": {"layer1.0.conv1": 8, "layer3.0.conv1": 16}}
+    meta["finetune"].update(method_name="pruned", pruning="fpgm")
+    ckpt.save_json(meta, d / f"{NAME}_fpgm_ft.json")
+    env(d)
+    at = make_app({"page": "analysis"}).run()
+    no_exception(at)
+    assert not at.warning and not at.error
+    runs = next(df.value for df in at.dataframe if "run" in df.value.columns).set_index("run")
+    assert list(runs.index) == [f"{NAME}_fpgm_ft", f"{NAME}_ft", f"{NAME}_kd_ft"]
+    row = runs.loc[f"{NAME}_fpgm_ft"]
+    assert row["options"] == "pruning (fpgm)" and row["layers reduced"] == 2
+    assert row["compression"] == f"{BASE_PARAMS / (BASE_PARAMS // 2):.2f}×"
+
+
 def test_missing_results_show_the_commands(env, tmp_path):
     d = env(checkpoint_dir(tmp_path / "ckpts", results=False))
     at = make_app({"page": "analysis"}).run()

@@ -99,6 +99,19 @@ def method_label(meta: dict) -> str:
     return f"clustering ({space}, {name}{streams})"
 
 
+def compression_ratio(compression: dict) -> float:
+    """Parameters of the original ResNet20 over the reduced net's unique parameters, from a
+    fine-tuned run's metadata ``compression``. A clustering run records it; a pruned net (a
+    pruning baseline's run) has no shared filters, so there it is the plain parameter ratio.
+    Raises KeyError when ``compression`` has neither (not a finished run's metadata)."""
+    if "compression_ratio" in compression:
+        return compression["compression_ratio"]
+    from ..model import resnet20
+
+    base = compression.get("baseline_params") or sum(p.numel() for p in resnet20().parameters())
+    return base / compression["params"]
+
+
 def _started_from(meta: dict) -> str:
     """The recovery a run's reduced net had when training started: the pruning path records it
     itself; a clustering's comes from its configuration (where a legacy ``recalibrate_bn`` means

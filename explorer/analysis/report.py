@@ -373,7 +373,8 @@ def build_report(explorer, out: Path, sensitivity_path: Path | None, search_path
             c = m.get("compression") or {}
             after = (m.get("after") or {}).get("top1")
             rows.append({"run": m["name"], "status": m.get("status"), "epochs": m.get("epochs_done"),
-                         "options": options_label(ClusteringConfig.from_dict(m["clustering"])),
+                         "options": (options_label(ClusteringConfig.from_dict(m["clustering"])) if "clustering" in m
+                                     else baselines.method_label(m)),
                          "before": pct(m["before"]["top1"]), "after": pct(after) if after is not None else "-",
                          "drop after (pp)": drop(after - base_top1) if after is not None else "-",
                          "MACs saved": f"{100 * c['mac_reduction']:.1f}%" if c else "-",
@@ -449,12 +450,6 @@ def options_label(cfg: ClusteringConfig, long: bool = False) -> str:
     return ", ".join(parts)
 
 
-def _resnet20_params() -> int:
-    from ..model import resnet20
-
-    return sum(p.numel() for p in resnet20().parameters())
-
-
 def finetuned_points(metas: list[dict], baseline_top1: float) -> pd.DataFrame:
     """The finished fine-tuning results among ``metas`` as extra rows (source "fine-tuned") for
     :func:`explorer.analysis.charts.pareto_chart`, in the columns of
@@ -471,7 +466,7 @@ def finetuned_points(metas: list[dict], baseline_top1: float) -> pd.DataFrame:
         rows.append({"source": "fine-tuned, pruned" if pruned else "fine-tuned", "top1": m["after"]["top1"],
                      "drop_pts": 100 * (baseline_top1 - m["after"]["top1"]),
                      "macs": c["macs"], "params": c["params"], "mac_reduction": c["mac_reduction"],
-                     "compression_ratio": c.get("compression_ratio", _resnet20_params() / c["params"]),
+                     "compression_ratio": baselines.compression_ratio(c),
                      "config": json.dumps(m["pruning" if pruned else "clustering"]["ks"]), "pareto_macs": False,
                      "pareto_params": False})
     return pd.DataFrame(rows)
