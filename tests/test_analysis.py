@@ -639,3 +639,12 @@ def test_baselines_compare_same_macs_and_resume(explorer, tmp_path):
     again = table(compare(ex, path, ks, "t", criteria=("l1", "random"), recoveries=("none", "lsq"), progress=False))
     assert ex.calls == 1  # only the baseline's MACs lookup; no row measured twice
     assert {r["method"] + r["recovery"]: r["top1"] for r in again.to_dict("records")} == first
+
+
+def test_options_label_names_clustered_residual_streams():
+    from explorer.analysis.report import options_label
+
+    cfg = ClusteringConfig(ks={"layer1.0.conv1": 8}, fold_bn=True, stream={1: 14, 2: 28, 3: 56})
+    assert options_label(cfg) == "euclidean, BN folded, streams 14/28/56"
+    assert options_label(cfg, long=True).endswith("residual streams k 14/28/56")
+    assert "stream" not in options_label(ClusteringConfig(ks={"layer1.0.conv1": 8}))

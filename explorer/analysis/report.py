@@ -447,6 +447,9 @@ def options_label(cfg: ClusteringConfig, long: bool = False) -> str:
         parts.append(f"BN re-estimated ({cfg.recalibrate_bn:,} images)" if long else f"BN re-est. {cfg.recalibrate_bn}")
     if cfg.seeds > 1:
         parts.append(f"best of {cfg.seeds} seeds")
+    if cfg.active_stream:
+        ks = "/".join(str(k) for _, k in sorted(cfg.active_stream.items()))
+        parts.append(f"residual streams k {ks}" if long else f"streams {ks}")
     return ", ".join(parts)
 
 
