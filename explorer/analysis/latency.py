@@ -95,3 +95,41 @@ def format_latency(rows: list[dict]) -> str:
         lines.append(f"{r['export']:40} {r['batch']:5d} {100 * r['mac_reduction']:9.1f}% {1e3 * r['torch_s']:9.2f} "
                      f"{1e3 * r['torch_baseline_s']:8.2f} {r['torch_speedup']:5.2f} {ort}")
     return "\n".join(lines)
+
+
+# (map size, in channels, out channels): the residual-stream net's odd widths beside the next
+# multiple of 8 (stage 1: 14-channel stream; stage 3: 44-filter conv1s reading a 56-channel stream)
+CONV_WIDTHS = ((32, 14, 14), (32, 16, 16), (32, 14, 8), (32, 16, 8), (16, 28, 28), (16, 32, 32),
+               (8, 56, 44), (8, 56, 48), (8, 64, 44), (8, 64, 48))
+
+
+@torch.inference_mode()
+def conv_width_table(shapes=CONV_WIDTHS, batch: int = 256, repeats: int = 10) -> list[dict]:
+    """Median CPU time of single 3x3 convs (stride 1, padding 1, fp32, channels_last: the layout the
+    engine and the exports run in) for each (H = W, Cin, Cout) of ``shapes``, at ``batch``: whether
+    a width that is not a multiple of 8 costs what its MACs say. Rows: size, in/out channels,
+    seconds, MACs (multiply-accumulates of the batch) and ns per 1,000 MACs."""
+    rows = []
+    for hw, cin, cout in shapes:
+        x = torch.randn(batch, cin, hw, hw).contiguous(memory_format=torch.channels_last)
+        conv = nn.Conv2d(cin, cout, 3, 1, 1).eval().to(memory_format=torch.channels_last)
+        for _ in range(3):
+            conv(x)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            conv(x)
+            times.append(time.perf_counter() - t)
+        s, macs = statistics.median(times), batch * cin * cout * 9 * hw * hw
+        rows.append({"size": hw, "in_channels": cin, "out_channels": cout, "seconds": s, "macs": macs,
+                     "ns_per_kmac": 1e12 * s / macs})
+    return rows
+
+
+def format_conv_widths(rows: list[dict]) -> str:
+    """The rows of :func:`conv_width_table` as a plain-text table."""
+    lines = [f"{'map':>7} {'Cin':>4} {'Cout':>4} {'ms':>7} {'GMACs':>6} {'ns/kMAC':>8}"]
+    for r in rows:
+        lines.append(f"{r['size']:>3}x{r['size']:<3} {r['in_channels']:4d} {r['out_channels']:4d} "
+                     f"{1e3 * r['seconds']:7.2f} {r['macs'] / 1e9:6.2f} {r['ns_per_kmac']:8.2f}")
+    return "\n".join(lines)

@@ -7,7 +7,7 @@ import sys
 
 from ..analysis.benchmark import exactness, format_recovery_cost, format_table, recovery_cost, run as run_benchmark
 from ..analysis.browser_bench import MOVES, format_load, format_moves, run_load, run_moves
-from ..analysis.latency import format_latency, latency_table
+from ..analysis.latency import conv_width_table, format_conv_widths, format_latency, latency_table
 from ..analysis.results import default_checkpoint
 from .common import DATA_HELP, parser
 
@@ -15,6 +15,7 @@ EXAMPLES = """
 python -m explorer.bench              # table; --json for scripts
 python -m explorer.bench --exactness  # 45 configurations against fp32 (docs/exactness.json)
 python -m explorer.bench --latency checkpoints/compressed/NAME.pt   # smaller net vs original, torch + ORT
+python -m explorer.bench --conv-widths  # is a width that is not a multiple of 8 slower than its MACs say?
 python -m explorer.bench --browser    # per slider move: browser vs engine time (Chromium + streamlit run)
 python -m explorer.bench --browser --load --browser-sessions 8 --minutes 3   # 8 sessions at once
 """
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency", nargs="+", metavar="EXPORT.pt", default=None,
                    help="instead: CPU latency of exported smaller nets (fine-tuning's compressed/ exports) against "
                         "the original at batch 1 and 256, PyTorch and ONNX Runtime")
+    p.add_argument("--conv-widths", action="store_true",
+                   help="instead: time single 3x3 convs at the residual-stream net's odd widths against the next "
+                        "multiple of 8 (batch 256, fp32, channels_last)")
     b = p.add_argument_group("browser (--browser): streamlit run + headless Chromium via Playwright")
     b.add_argument("--browser", action="store_true",
                    help="instead: time slider moves in a real browser against the engine (see docs/app.md)")
@@ -61,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             r = run_moves(args.checkpoint, args.data, [x for x in args.layers.split(",") if x],
                           2.0 if args.pause is None else args.pause, args.timeout, args.threads)
             print(json.dumps(r, indent=2) if args.json else format_moves(r))
+            return 0
+        if args.conv_widths:
+            rows = conv_width_table()
+            print(json.dumps(rows, indent=2) if args.json else format_conv_widths(rows))
             return 0
         if args.latency:
             rows = latency_table(args.latency, args.checkpoint)
