@@ -369,6 +369,18 @@ def test_formatting_and_tables():
     assert charts.confusion_csv(cmp).decode().startswith("true,predicted,baseline,pruned,delta")
 
 
+def test_change_per_class_axis_spans_at_least_one_point_each_way():
+    from explorer.evaluate import Comparison
+
+    cmp = _comparison()
+    unchanged = Comparison(cmp.baseline, cmp.baseline)  # nothing clustered: every delta is 0
+    x = charts.per_class_delta_chart(unchanged).to_dict()["encoding"]["x"]
+    assert x["scale"]["domain"] == [-1.0, 1.0]  # was Vega-Lite's collapsed domain, one tick "0.000000"
+    d = 100 * cmp.per_class_delta
+    assert charts.per_class_delta_chart(cmp).to_dict()["encoding"]["x"]["scale"]["domain"] == \
+        [min(-1.0, float(d.min())), max(1.0, float(d.max()))]
+
+
 def test_charts_build_with_tooltips_and_class_names():
     cmp = _comparison()
     for chart in (charts.per_class_chart(cmp), charts.per_class_delta_chart(cmp),

@@ -125,7 +125,9 @@ def per_class_delta_chart(comparison, height: int = 280) -> alt.Chart:
                    sign=np.where(df["delta"] < 0, "worse", "better or equal"))
     return alt.Chart(df, height=height).mark_bar().encode(
         y=alt.Y("class:N", sort=list(df["class"]), title=None, axis=alt.Axis(labelOverlap=False)),
-        x=alt.X("delta_pp:Q", title="Δ accuracy (pp)"),
+        # At least +-1 pp: with nothing changed Vega-Lite's domain collapses to one tick, "0.000000".
+        x=alt.X("delta_pp:Q", title="Δ accuracy (pp)", axis=alt.Axis(format="+.1~f"),
+                scale=alt.Scale(domain=[min(-1.0, float(df["delta_pp"].min())), max(1.0, float(df["delta_pp"].max()))])),
         color=alt.Color("sign:N", scale=alt.Scale(domain=["worse", "better or equal"], range=[PRUNED_COLOR, "#2e86ab"]),
                         legend=None),
         tooltip=[alt.Tooltip("class:N"), alt.Tooltip("baseline_pct:Q", format=".1f", title="baseline %"),
