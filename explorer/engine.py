@@ -227,14 +227,16 @@ class FastEvaluator:
 
     images: uint8 (N, 3, 32, 32); labels: (N,) int64. ``cache_mb`` bounds the activation cache;
     ``mixed`` selects the bf16 + fp32 re-check path for :meth:`evaluate` (default: on where the CPU
-    has native BF16 and ``EXPLORER_ENGINE_PRECISION`` is not ``fp32``); ``tau`` is the smallest
+    has native BF16 and ``EXPLORER_ENGINE_PRECISION`` is not ``fp32``); ``split``: in pure fp32,
+    evaluate the full set as the preview rows plus the rest (:meth:`_fp32_full`; for callers that
+    ask for a preview first, like the app; off with ``cache_mb=0``); ``tau`` is the smallest
     re-check bound (logit units), ``safety`` the factor between the largest bf16 flip error
     observed (:func:`flip_error`) and the bound.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, cache_mb: int = DEFAULT_CACHE_MB,
                  batch_size: int = 250, preview_per_class: int = 200, mixed: bool | None = None,
-                 tau: float = 0.05, audit: int = 200, safety: float = 2.0):
+                 tau: float = 0.05, audit: int = 200, safety: float = 2.0, split: bool = True):
         bound_native_memory()
         self.inputs = normalize(images).contiguous(memory_format=torch.channels_last)
         self.labels = labels
@@ -244,6 +246,9 @@ class FastEvaluator:
         rest = torch.ones(len(labels), dtype=torch.bool)
         rest[self.preview_index] = False
         self.rest_index = torch.nonzero(rest).flatten()  # sorted: the full set less the preview rows
+        # Parts pay only where previews come first and something is cached (else: two batch
+        # shapes more, and the rest's input gathered, for nothing).
+        self.split = split and cache_mb > 0 and 0 < len(self.rest_index) < len(labels)
         self.mixed = _bf16_supported() if mixed is None else mixed
         self.tau = tau
         self.safety = safety
@@ -295,8 +300,9 @@ class FastEvaluator:
 
     def _forward(self, prep: _Prepared, subset: str, bf16: bool, share: float = 1.0) -> torch.Tensor:
         """Logits (rows of ``subset``, 10) through the units, resuming from the deepest cached
-        activation (the full-set activation serves the subsets too); the logits themselves are
-        cached too (tiny), so asking again for a net's subset costs nothing. ``share``: the part
+        activation (a full-set activation, where there is one, serves the subsets too); the logits
+        themselves are cached too (tiny; callers must not write into them), so asking again for a
+        net's subset costs nothing. ``share``: the part
         of the cache bound this subset's outputs may use (and of the per-output cap).
 
         Activations are cached as the per-batch output tensors themselves (no copy into one big
@@ -351,7 +357,7 @@ class FastEvaluator:
         rest, each cached on its own with a share of the bound in proportion to its rows (the
         same units are kept as for the whole set), so a full run after its preview computes only
         the rest; with it, as one set (the re-checks gather rows from the full-set activations)."""
-        if self.mixed:
+        if self.mixed or not self.split:
             return self._forward(prep, "full", bf16=False)
         n = len(self.labels)
         out = torch.empty(n, prep.fp32.fc.out_features)
@@ -370,7 +376,7 @@ class FastEvaluator:
 
     def logits(self, net: CompressedResNet20, preview: bool = False) -> torch.Tensor:
         """fp32 logits (N, 10) of ``net`` on the images (or (P, 10) on the preview subset)."""
-        return self._on_worker(self._logits, net.eval(), preview)
+        return self._on_worker(self._logits, net.eval(), preview).clone()  # not the cached tensor itself
 
     @torch.inference_mode()
     def _logits(self, net: CompressedResNet20, preview: bool) -> torch.Tensor:
@@ -382,12 +388,13 @@ class FastEvaluator:
     def _preview_share(self) -> float:
         """The preview's share of the cache bound: its part of the full set where the full set is
         evaluated in parts (:meth:`_fp32_full`), else (a bf16 preview, a subset of its own) all."""
-        return 1.0 if self.mixed else len(self.preview_index) / len(self.labels)
+        return len(self.preview_index) / len(self.labels) if self.split and not self.mixed else 1.0
 
     def bf16_logits(self, net: CompressedResNet20, subset: str = "full") -> torch.Tensor:
         """Logits (rows of ``subset``, 10) of the bf16 pass the mixed path re-checks, as float32;
-        ``subset``: "full", "preview" or "audit" (:attr:`audit_index`). For measuring the bound."""
-        return self._on_worker(self._bf16_logits, net.eval(), subset)
+        ``subset``: "full", "preview", "audit" (:attr:`audit_index`) or "rest" (:attr:`rest_index`).
+        For measuring the bound."""
+        return self._on_worker(self._bf16_logits, net.eval(), subset).clone()
 
     @torch.inference_mode()
     def _bf16_logits(self, net: CompressedResNet20, subset: str) -> torch.Tensor:

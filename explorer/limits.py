@@ -116,3 +116,43 @@ def check(model: nn.Module, config: ClusteringConfig, layers=None) -> Clustering
                               f"{len(found)} layers ask for more clusters than they have distinct points: "
                               + "; ".join(found))
     return config
+
+
+def tied_config(model: nn.Module) -> ClusteringConfig | None:
+    """The configuration that clusters ``model`` exactly as its weights already are (a clustered,
+    fine-tuned checkpoint holds duplicate filters and, with clustered residual streams, duplicate
+    stream channels): every stage's stream k at its distinct channels where fewer than its width
+    (its writers then keep their own k), every other conv at its distinct filters where fewer than
+    its filter count. k-means then finds the duplicates themselves, so the compressed net is the
+    one these weights hold (its real MACs and unique parameters) and its top-1 the checkpoint's.
+    Euclidean filters in weight space and no recovery (a re-fit would change the fine-tuned
+    weights); BN folded where the duplicates survive folding
+    (always with a clustered stream, whose members are identical after BN), else raw filters. None
+    when nothing is duplicated.
+
+    Raises ClusteringError when the result does not validate (not expected for a ResNet20)."""
+    from dataclasses import replace
+
+    stream = {s: n for s, n in stream_limits(model).items() if n < stream_width(s)}
+    writers = {w for s in stream for w in stream_writers(s)}
+
+    def ties(fold):
+        cfg = ClusteringConfig(fold_bn=fold)  # euclidean, filter granularity, weight space, no recovery
+        return cfg, {name: n for name, n in layer_limits(model, cfg).items()
+                     if n < conv_layer(name).filters and name not in writers}
+
+    def score(t):  # more layers tied, then fewer distinct filters
+        return len(t), -sum(t.values())
+
+    # BN folded where the duplicates survive it (members then merge: no gather), else raw filters
+    # (tied fine-tuning ties the filters, not their BatchNorm).
+    cfg, ks = ties(True)
+    if not stream:
+        raw_cfg, raw = ties(False)
+        if score(raw) > score(ks):
+            cfg, ks = raw_cfg, raw
+    if not ks and not stream:
+        return None
+    out = replace(cfg, ks=ks, stream=stream)
+    out.validate()
+    return out

@@ -119,12 +119,15 @@ class Explorer:
         of this checkpoint reads first: the original net's statistics on the calibration images
         (:func:`explorer.clustering.training_reference`, cached by content; 1.7 s of the first
         ``conv1`` move's 3.4 s on the 2-core AVX2 CPU, measured). ``config``: whose calibration
-        images (default: the app's defaults); nothing to do for weight-space k-means without lsq."""
+        images (default: the app's defaults); nothing to do for weight-space k-means without lsq.
+        The references of the two most recently used checkpoints stay cached
+        (:data:`explorer.recovery._REFERENCES`, about 80 MB each)."""
         from .clustering import training_reference
 
         config = config or app_default_config()
         if config.space == "data" or config.recovery == "lsq":
-            training_reference(self.model, config, self.data.train_images)
+            with _PRUNE_LOCK:  # its ~80 MB and forward pass never beside another session's clustering
+                training_reference(self.model, config, self.data.train_images)
 
     def evaluate_model(self, model: torch.nn.Module) -> Evaluation:
         """Plain eager fp32 evaluation of any model on the full test split (the reference path)."""
@@ -195,7 +198,8 @@ class Explorer:
 
         if self._selection is None:
             images, labels = holdout_subset(self.data.train_images, self.data.train_labels)
-            engine = FastEvaluator(images, labels, mixed=self.engine.mixed, cache_mb=256, preview_per_class=10)
+            engine = FastEvaluator(images, labels, mixed=self.engine.mixed, cache_mb=256, preview_per_class=10,
+                                   split=False)  # never asked for a preview
             self._selection = (engine, engine.evaluate(compress(self.model)).top1)
         engine, base = self._selection
         key = config.key()

@@ -301,11 +301,13 @@ def test_onnx_export_matches_torch(small, tmp_path):
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
 
 
-def test_conv_width_table_times_each_shape():
+def test_conv_width_table_times_each_pair():
     from explorer.analysis.latency import conv_width_table, format_conv_widths
 
-    rows = conv_width_table(((8, 14, 14), (8, 16, 8)), batch=4, repeats=2)
-    assert [(r["size"], r["in_channels"], r["out_channels"]) for r in rows] == [(8, 14, 14), (8, 16, 8)]
-    assert [r["macs"] for r in rows] == [4 * 14 * 14 * 9 * 64, 4 * 16 * 8 * 9 * 64]
-    assert all(r["seconds"] > 0 and r["ns_per_kmac"] == 1e12 * r["seconds"] / r["macs"] for r in rows)
-    assert format_conv_widths(rows).splitlines()[1].split()[:3] == ["8x8", "14", "14"]
+    rows = conv_width_table((((8, 14, 14), (8, 16, 16)),), batch=4, repeats=2)
+    (r,) = rows
+    assert (r["shape"], r["padded"]) == ([8, 14, 14], [8, 16, 16])
+    assert (r["macs"], r["padded_macs"]) == (4 * 9 * 64 * 14 * 14, 4 * 9 * 64 * 16 * 16)
+    assert r["seconds"] > 0 and r["padded_over_as_is"] == r["padded_seconds"] / r["seconds"]
+    line = format_conv_widths(rows).splitlines()[1].split()
+    assert line[:4] == ["8x8", "14", "->", "14"] and line[-2] == f"{256 / 196:.2f}"

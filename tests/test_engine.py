@@ -235,3 +235,21 @@ def test_fp32_full_run_after_its_preview_computes_only_the_other_rows(random_mod
     assert torch.equal(fe.predictions(compress(model2, cl2)), predict_logits(model2, images).argmax(1))
     assert sum(rows) == 90
     assert fe.cache.bytes <= fe.cache.max_bytes
+
+
+def test_fp32_parts_keep_the_units_the_whole_set_would_under_a_small_bound(random_model):
+    images = torch.randint(0, 256, (90, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    fe = FastEvaluator(images, torch.arange(90) % 10, batch_size=30, preview_per_class=3, mixed=False, cache_mb=6)
+    # 90 images in fp32: a stage-3 output is 1.47 MB, stage 2 2.95 MB, so under a 6 MB bound (cap a
+    # third of it) the whole set would keep units 7 and 8; each part, with its share, keeps the same.
+    net = compress(random_model)
+    fe.predictions(net)
+    digests = unit_digests(net)
+    kept = {(k.split(":")[1], digests.index(k.split(":")[2])) for k in fe.cache._data if "logits" not in k}
+    assert kept == {(part, u) for part in ("preview", "rest") for u in (7, 8)}
+    assert fe.cache.bytes <= fe.cache.max_bytes
+    for layer, resumed_from in (("layer3.2.conv2", 8), ("layer3.1.conv1", 7)):
+        model, cl = prune(random_model, ClusteringConfig().with_k(layer, 4))
+        before = dict(fe.stats)
+        assert torch.equal(fe.predictions(compress(model, cl)), predict_logits(model, images).argmax(1))
+        assert fe.stats["units_reused"] - before["units_reused"] == 2 * (resumed_from + 1)  # both parts resumed

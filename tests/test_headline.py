@@ -102,6 +102,20 @@ def test_p58_fine_tuned_net(real_data):
     assert (r.compression.macs, r.compression.params) == (want["macs"], want["params"])
 
 
+def test_stream_net_clustered_as_it_was_fine_tuned(real_data):
+    """The app's "Cluster it as it was fine-tuned" on the residual-stream net (explorer.limits.
+    tied_config): exactly the shipped export's top-1 and MACs, and its unique parameters."""
+    from explorer import Explorer, load_model
+    from explorer.limits import tied_config
+
+    name = "resnet20_cifar10_stream50_merged_ft"
+    want = pinned(f"{name}.pt")
+    model = load_model(CKPT / f"{name}.pt")
+    r = Explorer(model, real_data, name).run(tied_config(model))
+    assert round(r.evaluation.top1, 4) == want["top1"]
+    assert (r.compression.macs, r.compression.params) == (want["macs"], 151_652)
+
+
 @pytest.mark.parametrize("name", ["resnet20_cifar10_half_merged_ft", "resnet20_cifar10_half_fpgm_ft",
                                   "resnet20_cifar10_half_merged5_ft", "resnet20_cifar10_half_centripetal5_ft",
                                   "resnet20_cifar10_stream50_merged_ft"])

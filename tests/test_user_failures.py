@@ -148,6 +148,38 @@ def test_app_headline_nothing_clustered_saves_nothing(tiny_app_env):
     assert next(m for m in at.metric if m.label == "Compression ratio").value == "1.00×"
 
 
+def test_tied_config_finds_the_checkpoints_own_clusters():
+    p58 = limits.tied_config(p58_model())
+    assert p58.active == {**{n: 9 for n in STAGE1_CONV1}, **{f"layer2.{b}.conv1": 19 for b in range(3)},
+                          **{f"layer3.{b}.conv1": 38 for b in range(3)}}
+    assert not p58.active_stream and (p58.space, p58.recovery) == ("weight", "none")
+    path = REPO / "checkpoints" / "resnet20_cifar10_stream50_merged_ft.pt"
+    if path.is_file():
+        s = limits.tied_config(ckpt.load_model(path))
+        assert s.active_stream == {1: 14, 2: 28, 3: 56} and s.fold_bn
+        assert s.active == {f"layer{st}.{b}.conv1": k for st, k in ((1, 8), (2, 16), (3, 44)) for b in range(3)}
+    assert limits.tied_config(resnet20()) is None  # nothing duplicated
+
+
+def test_a_fine_tuned_checkpoint_offers_its_own_ties(tiny_app_env):
+    """Unclustered, p58's headline counts the full-width form it is stored in; one button sets the
+    sliders to its distinct filters and the headline shows the compressed net it is (its README
+    figures: 159,888 unique parameters, 23,814,784 MACs)."""
+    at = make_app({"ckpt": P58, "proj": "pca"}).run()
+    no_exception(at)
+    button = at.button(key="tied_apply")
+    assert button.label == "Cluster it as it was fine-tuned"
+    button.click().run()
+    no_exception(at)
+    assert [at.slider(key=f"k.{n}").value for n in STAGE1_CONV1] == [9, 9, 9]
+    assert at.slider(key="k.layer3.0.conv1").value == 38 and at.slider(key="k.layer1.0.conv2").value == 16
+    assert (at.query_params["space"], at.query_params["recovery"]) == ("weight", "none")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Unique parameters"] == charts.count(159_888) and metrics["MACs / image"] == "23.81 M"
+    assert not [b for b in at.button if b.key == "tied_apply"]  # at its ties: a caption, no button
+    assert any("this checkpoint's own ties" in c.value for c in at.caption)
+
+
 # ---------------------------------------------------------------- nothing clustered saves nothing
 
 @pytest.mark.parametrize("config", [None, ClusteringConfig(ks={"layer1.0.conv1": 4}, granularity="kernel")],

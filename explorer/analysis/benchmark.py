@@ -266,7 +266,7 @@ def exactness(checkpoint: str, data_root: str | None, seeds: tuple[int, ...] = (
     data = data if data is not None else load_cifar10(data_root)
     base = ckpt.load_model(checkpoint)
     fast = FastEvaluator(data.test_images, data.test_labels, mixed=True)
-    ref = FastEvaluator(data.test_images, data.test_labels, mixed=False, cache_mb=700)
+    ref = FastEvaluator(data.test_images, data.test_labels, mixed=False, cache_mb=700, split=False)
     rows = []
     for seed in seeds:
         for i, (layer, cfg) in enumerate(random_changes(seed, changes)):

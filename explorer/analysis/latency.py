@@ -97,39 +97,49 @@ def format_latency(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# (map size, in channels, out channels): the residual-stream net's odd widths beside the next
-# multiple of 8 (stage 1: 14-channel stream; stage 3: 44-filter conv1s reading a 56-channel stream)
-CONV_WIDTHS = ((32, 14, 14), (32, 16, 16), (32, 14, 8), (32, 16, 8), (16, 28, 28), (16, 32, 32),
-               (8, 56, 44), (8, 56, 48), (8, 64, 44), (8, 64, 48))
+# The residual-stream net's (resnet20_cifar10_stream50_merged_ft) stride-1 conv shapes, (map size,
+# in channels, out channels), each beside the same conv with its odd width padded to the next
+# multiple of 8: stage 1's 14-channel stream (stem, block conv1s reading it, conv2s writing it),
+# stage 2's 28-channel stream, stage 3's 44-filter conv1s (their 56-channel stream is a multiple of 8).
+CONV_WIDTHS = (((32, 3, 14), (32, 3, 16)), ((32, 14, 8), (32, 16, 8)), ((32, 8, 14), (32, 8, 16)),
+               ((16, 28, 16), (16, 32, 16)), ((16, 16, 28), (16, 16, 32)),
+               ((8, 56, 44), (8, 56, 48)), ((8, 44, 56), (8, 48, 56)))
+
+
+def _conv_seconds(hw: int, cin: int, cout: int, batch: int, repeats: int) -> float:
+    x = torch.randn(batch, cin, hw, hw).contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(cin, cout, 3, 1, 1).eval().to(memory_format=torch.channels_last)
+    for _ in range(3):
+        conv(x)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        conv(x)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 @torch.inference_mode()
-def conv_width_table(shapes=CONV_WIDTHS, batch: int = 256, repeats: int = 10) -> list[dict]:
+def conv_width_table(pairs=CONV_WIDTHS, batch: int = 256, repeats: int = 10) -> list[dict]:
     """Median CPU time of single 3x3 convs (stride 1, padding 1, fp32, channels_last: the layout the
-    engine and the exports run in) for each (H = W, Cin, Cout) of ``shapes``, at ``batch``: whether
-    a width that is not a multiple of 8 costs what its MACs say. Rows: size, in/out channels,
-    seconds, MACs (multiply-accumulates of the batch) and ns per 1,000 MACs."""
+    engine and the exports run in; torch's current thread count) for each pair of shapes
+    ((H, Cin, Cout) as in the net, the same padded to multiples of 8), at ``batch``: whether a width
+    that is not a multiple of 8 costs what its MACs say. One row per pair: both shapes, both times
+    (seconds), both MAC counts (multiply-accumulates of the batch) and padded / as-is time."""
     rows = []
-    for hw, cin, cout in shapes:
-        x = torch.randn(batch, cin, hw, hw).contiguous(memory_format=torch.channels_last)
-        conv = nn.Conv2d(cin, cout, 3, 1, 1).eval().to(memory_format=torch.channels_last)
-        for _ in range(3):
-            conv(x)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            conv(x)
-            times.append(time.perf_counter() - t)
-        s, macs = statistics.median(times), batch * cin * cout * 9 * hw * hw
-        rows.append({"size": hw, "in_channels": cin, "out_channels": cout, "seconds": s, "macs": macs,
-                     "ns_per_kmac": 1e12 * s / macs})
+    for shape, padded in pairs:
+        s, p = _conv_seconds(*shape, batch, repeats), _conv_seconds(*padded, batch, repeats)
+        rows.append({"shape": list(shape), "padded": list(padded), "seconds": s, "padded_seconds": p,
+                     "macs": batch * 9 * shape[0] ** 2 * shape[1] * shape[2],
+                     "padded_macs": batch * 9 * padded[0] ** 2 * padded[1] * padded[2], "padded_over_as_is": p / s})
     return rows
 
 
 def format_conv_widths(rows: list[dict]) -> str:
-    """The rows of :func:`conv_width_table` as a plain-text table."""
-    lines = [f"{'map':>7} {'Cin':>4} {'Cout':>4} {'ms':>7} {'GMACs':>6} {'ns/kMAC':>8}"]
+    """The rows of :func:`conv_width_table` as a plain-text table (milliseconds)."""
+    lines = [f"{'map':>5} {'as in the net':>14} {'ms':>7} {'padded':>10} {'ms':>7} {'MACs x':>7} {'time x':>7}"]
     for r in rows:
-        lines.append(f"{r['size']:>3}x{r['size']:<3} {r['in_channels']:4d} {r['out_channels']:4d} "
-                     f"{1e3 * r['seconds']:7.2f} {r['macs'] / 1e9:6.2f} {r['ns_per_kmac']:8.2f}")
+        (hw, ci, co), (_, pi, po) = r["shape"], r["padded"]
+        lines.append(f"{hw:>2}x{hw:<2} {ci:>6} -> {co:<4} {1e3 * r['seconds']:7.2f} {pi:>3} -> {po:<4} "
+                     f"{1e3 * r['padded_seconds']:7.2f} {r['padded_macs'] / r['macs']:7.2f} {r['padded_over_as_is']:7.2f}")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ dictionary look-up; and the seed spread runs only on request, once the page is i
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import streamlit as st
@@ -70,10 +71,10 @@ def load_explorer(digest: str, data_root: str | None, _weights: bytes, _name: st
 def load_upload_explorer(digest: str, data_root: str | None, _weights: bytes, _name: str) -> Explorer:
     """An uploaded checkpoint's Explorer, keyed by its content (so only a session holding the same bytes
     reaches it); kept apart from the shipped checkpoints' and bounded in number and activation cache."""
-    exp = Explorer(sup.model_from_bytes(_weights, f"{_name}.pt"), load_data(data_root), _name,
-                   activation_cache_mb=sup.UPLOAD_ACTIVATION_CACHE_MB)
-    exp.warm()
-    return exp
+    # Not warmed (Explorer.warm): the reference cache holds two checkpoints', and an upload would
+    # evict a shipped checkpoint's that every session uses.
+    return Explorer(sup.model_from_bytes(_weights, f"{_name}.pt"), load_data(data_root), _name,
+                    activation_cache_mb=sup.UPLOAD_ACTIVATION_CACHE_MB)
 
 
 def layer_label(name: str) -> str:
@@ -507,8 +508,32 @@ def render(ctx: sidebar.Context) -> None:
         exp, name = open_shipped(ctx.by_name[selected], data_root), selected
     if exp is None:
         return
+    tied_offer(exp)
     explore(exp, name)
     with st.sidebar:
         st.divider()
         sidebar.training_form(ctx.ckpt_dir)
         st.caption(f"torch threads: {torch.get_num_threads()} · share this view by copying the URL")
+
+
+def tied_offer(exp: Explorer) -> None:
+    """For a checkpoint whose weights hold duplicate filters (a clustered, fine-tuned net), a
+    button that sets every slider to its layer's distinct count (:func:`explorer.limits.tied_config`):
+    unclustered, its headline counts the full-width form it is stored in, 269.7 k parameters."""
+    tied = limits.tied_config(exp.model)
+    if tied is None:
+        return
+    current = state.current_config()
+    # the k-means seed cannot matter there: the duplicates are the clusters
+    if dataclasses.replace(current, seed=tied.seed, n_init=tied.n_init).key() == tied.key():
+        st.caption("The sliders are at this checkpoint's own ties: the headline is the compressed net its weights hold.")
+        return
+    streams = f" and {len(tied.active_stream)} residual streams" if tied.active_stream else ""
+    a, b = st.columns([3, 2], vertical_alignment="center")
+    a.caption(f"This checkpoint holds duplicate filters in {len(tied.active)} layers{streams} (a clustered, "
+              "fine-tuned net); unclustered, the headline counts the full-width form it is stored in.")
+    b.button("Cluster it as it was fine-tuned", on_click=state.apply_tied, args=(tied,), key="tied_apply",
+             help="Every slider to its layer's distinct filters (and stream k to its stream's distinct channels), "
+                  "BN folded where the duplicates survive it, weight space, no recovery: k-means finds the "
+                  "duplicates themselves, so the headline shows the checkpoint's own top-1 with its real MACs "
+                  "and unique parameters.")

@@ -257,6 +257,14 @@ def apply_configuration(name: str, config: ClusteringConfig, layer: str, proj: s
     st.toast(f"Applied {what}: {len(config.active)} layers clustered", icon=":material/tune:")
 
 
+def apply_tied(config: ClusteringConfig) -> None:
+    """Button callback: the widgets to a checkpoint's own ties (:func:`explorer.limits.tied_config`)."""
+    write_config(config)
+    st.toast(f"Clustered as fine-tuned: {len(config.active)} layers"
+             + (f", {len(config.active_stream)} residual streams" if config.active_stream else ""),
+             icon=":material/tune:")
+
+
 def keep_explorer_state() -> None:
     """Re-assign the explorer's widget values as plain session state (the router does it every
     run). Its widgets are not drawn on the Analysis page, nor in a run that only switches pages, and

@@ -434,7 +434,7 @@ def _finetune_pruned(checkpoint, base, base_digest, config, ft, data, engine, ba
         per_class_rows=per_class_table({"baseline": baseline, "before": before, "after": after}).to_dict("records"),
         top1_drop_pts=-100 * comp.top1_delta,
         compression={"macs": macs, "baseline_macs": base_macs, "mac_reduction": 1 - macs / base_macs,
-                     "params": count_parameters(small), "latency": lat or None},
+                     "params": folded_parameters(small), "latency": lat or None},
         compressed_export=[str(pt), str(js), str(onnx)],
     )
     _complete(meta, files, ft, after.top1)
@@ -442,6 +442,15 @@ def _finetune_pruned(checkpoint, base, base_digest, config, ft, data, engine, ba
         print(f"done: top-1 {100 * baseline.top1:.2f}% (base) -> {100 * before.top1:.2f}% (pruned, {ft.pruning}) -> "
               f"{100 * after.top1:.2f}% (fine-tuned, {ft.epochs} epochs); {100 * (1 - macs / base_macs):.1f}% fewer MACs")
     return meta
+
+
+def folded_parameters(net: nn.Module) -> int:
+    """Parameters of ``net`` (a pruned, narrower ResNet20 with its BatchNorms) counted as the
+    clustered nets' are (:class:`explorer.compress.CompressedResNet20`, BN folded into the convs):
+    each BN channel's scale and shift become one conv bias, so one parameter fewer per channel. A
+    pruned and a clustered net of the same shapes then have the same count."""
+    bn = sum(m.num_features for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    return count_parameters(net) - bn
 
 
 def list_finetuned(directory: str | os.PathLike = ckpt.DEFAULT_DIR) -> list[dict]:
