@@ -648,3 +648,9 @@ def test_options_label_names_clustered_residual_streams():
     assert options_label(cfg) == "euclidean, BN folded, streams 14/28/56"
     assert options_label(cfg, long=True).endswith("residual streams k 14/28/56")
     assert "stream" not in options_label(ClusteringConfig(ks={"layer1.0.conv1": 8}))
+
+
+def test_options_label_names_the_stages_of_a_partial_stream_clustering():
+    from explorer.analysis.report import options_label
+
+    assert options_label(ClusteringConfig(fold_bn=True, stream={2: 28})).endswith("streams s2 28")

@@ -99,6 +99,9 @@ def method_label(meta: dict) -> str:
     return f"clustering ({space}, {name}{streams})"
 
 
+RESNET20_PARAMS = 269_722  # count_parameters(resnet20()), asserted in tests/test_model.py
+
+
 def compression_ratio(compression: dict) -> float:
     """Parameters of the original ResNet20 over the reduced net's unique parameters, from a
     fine-tuned run's metadata ``compression``. A clustering run records it; a pruned net (a
@@ -106,10 +109,7 @@ def compression_ratio(compression: dict) -> float:
     Raises KeyError when ``compression`` has neither (not a finished run's metadata)."""
     if "compression_ratio" in compression:
         return compression["compression_ratio"]
-    from ..model import resnet20
-
-    base = compression.get("baseline_params") or sum(p.numel() for p in resnet20().parameters())
-    return base / compression["params"]
+    return (compression.get("baseline_params") or RESNET20_PARAMS) / compression["params"]
 
 
 def _started_from(meta: dict) -> str:

@@ -434,8 +434,9 @@ def build_report(explorer, out: Path, sensitivity_path: Path | None, search_path
 
 
 def options_label(cfg: ClusteringConfig, long: bool = False) -> str:
-    """The clustering options of ``cfg`` in words ("euclidean, BN folded, BN re-est. 2000"); ``long``
-    spells the re-estimation out (the app's wording)."""
+    """The clustering options of ``cfg`` in words ("euclidean, BN folded, BN re-est. 2000", with
+    clustered residual streams "streams 14/28/56" or "streams s2 28"); ``long`` spells the
+    re-estimation and the streams out (the app's wording)."""
     parts = [cfg.metric]
     if cfg.fold_bn:
         parts.append("BN folded")
@@ -448,7 +449,9 @@ def options_label(cfg: ClusteringConfig, long: bool = False) -> str:
     if cfg.seeds > 1:
         parts.append(f"best of {cfg.seeds} seeds")
     if cfg.active_stream:
-        ks = "/".join(str(k) for _, k in sorted(cfg.active_stream.items()))
+        st = sorted(cfg.active_stream.items())
+        # all three stages: "14/28/56"; else the stages named ("s2 28")
+        ks = "/".join(str(k) for _, k in st) if len(st) == 3 else ", ".join(f"s{s} {k}" for s, k in st)
         parts.append(f"residual streams k {ks}" if long else f"streams {ks}")
     return ", ".join(parts)
 

@@ -398,7 +398,7 @@ def finetune_section(metas: list[dict], ckpt_dir: Path, checkpoint: Path | None,
             rows.append({
                 "run": m["name"], "status": m.get("status", "?"),
                 "epochs": f"{m.get('epochs_done', 0)}/{m.get('epochs', hp.get('epochs', '?'))}",
-                "clustered top-1 %": 100 * float(m["before"]["top1"]),
+                "before top-1 %": 100 * float(m["before"]["top1"]),
                 "fine-tuned top-1 %": None if top1 is None else 100 * top1,
                 "Δ vs baseline pp": None if top1 is None or base_top1 is None else 100 * (top1 - base_top1),
                 "MACs saved %": 100 * comp["mac_reduction"] if comp else None,
@@ -410,7 +410,8 @@ def finetune_section(metas: list[dict], ckpt_dir: Path, checkpoint: Path | None,
         st.warning(f"A fine-tuning result could not be read: {e}", icon=":material/warning:")
         return
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
-        "clustered top-1 %": st.column_config.NumberColumn(format="%.2f", help="before fine-tuning"),
+        "before top-1 %": st.column_config.NumberColumn(
+            format="%.2f", help="the reduced net (clustered, or pruned for a pruning baseline) before fine-tuning"),
         "fine-tuned top-1 %": st.column_config.NumberColumn(format="%.2f",
                                                             help="final, or the latest evaluated epoch while training"),
         "Δ vs baseline pp": st.column_config.NumberColumn(format="%+.2f"),
