@@ -381,6 +381,11 @@ def test_change_per_class_axis_spans_at_least_one_point_each_way():
         [min(-1.0, float(d.min())), max(1.0, float(d.max()))]
 
 
+def test_cluster_size_axis_counts_whole_filters():
+    axis = charts.cluster_size_chart(np.array([2, 2, 1, 1])).to_dict()["encoding"]["y"]["axis"]
+    assert axis["tickMinStep"] == 1 and axis["format"] == "d"
+
+
 def test_charts_build_with_tooltips_and_class_names():
     cmp = _comparison()
     for chart in (charts.per_class_chart(cmp), charts.per_class_delta_chart(cmp),

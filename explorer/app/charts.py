@@ -249,7 +249,8 @@ def cluster_size_chart(sizes: np.ndarray, height: int = 200) -> alt.Chart:
     scheme = "tableau10" if len(sizes) <= 10 else "tableau20"
     return alt.Chart(df, height=height).mark_bar().encode(
         x=alt.X("cluster:N", sort="-y", title="cluster", axis=alt.Axis(labels=len(sizes) <= 32, labelAngle=0)),
-        y=alt.Y("filters:Q", title="filters"),
+        # whole filters only: Vega-Lite's default ticks for small counts are 0.0, 0.5, 1.0, ...
+        y=alt.Y("filters:Q", title="filters", axis=alt.Axis(tickMinStep=1, format="d")),
         color=alt.Color("cluster:N", scale=alt.Scale(scheme=scheme), legend=None),
         tooltip=["cluster:N", "filters:Q"],
     ).properties(title="Cluster sizes")
