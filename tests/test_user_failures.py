@@ -167,6 +167,8 @@ def test_a_fine_tuned_checkpoint_offers_its_own_ties(tiny_app_env):
     figures: 159,888 unique parameters, 23,814,784 MACs)."""
     at = make_app({"ckpt": P58, "proj": "pca"}).run()
     no_exception(at)
+    # the headline's baseline is p58 itself: the caption names the net it was reduced from
+    assert any("(fine-tuned from **resnet20_cifar10**, 89.1% top-1)" in c.value for c in at.caption)
     button = at.button(key="tied_apply")
     assert button.label == "Cluster it as it was fine-tuned"
     button.click().run()

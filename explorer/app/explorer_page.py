@@ -456,6 +456,16 @@ def open_upload(upload: sup.UploadedCheckpoint, data_root: str | None) -> Explor
     return exp
 
 
+def finetuned_from(meta: dict) -> str:
+    """" (fine-tuned from **base**, 89.13% top-1)" for a fine-tuning result's metadata, else "": the
+    headline's baseline is this checkpoint itself, so the net it was reduced from is named here."""
+    base = (meta.get("finetune") or {}).get("base_checkpoint")
+    top1 = (meta.get("baseline") or {}).get("top1")
+    if not base:
+        return ""
+    return f" (fine-tuned from **{base}**" + (f", {charts.pct(top1)} top-1)" if isinstance(top1, (int, float)) else ")")
+
+
 def open_shipped(info: ckpt.CheckpointInfo, data_root: str | None) -> Explorer | None:
     """The Explorer of a checkpoint in the checkpoint directory and its caption or "in training" banner
     (an st.error and None if it fails)."""
@@ -479,8 +489,9 @@ def open_shipped(info: ckpt.CheckpointInfo, data_root: str | None) -> Explorer |
     meta = info.meta
     ds = meta.get("dataset", {}).get("name", "?")
     if info.complete:
-        st.caption(f"**{info.name}** · trained {meta.get('epochs_done', meta.get('epochs', '?'))} epochs on {ds} · "
-                   f"evaluated here on {exp.data.identity.name} ({len(exp.data.test_labels):,} test images)")
+        st.caption(f"**{info.name}** · trained {meta.get('epochs_done', meta.get('epochs', '?'))} epochs on {ds}"
+                   f"{finetuned_from(meta)} · evaluated here on {exp.data.identity.name} "
+                   f"({len(exp.data.test_labels):,} test images)")
     else:
         epoch = pin["epoch"]
         status = "in training" if info.training else "incomplete (trainer not running)"
