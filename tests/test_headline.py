@@ -50,6 +50,10 @@ HEADLINE = {
         "top1": 0.8702, "macs": 20_063_792,
         "export_sha256": "3c71cb37b7f9d77bab386e6a6de5390fc2fe021619e48bef605e7d747e6a0af7",
     }),
+    "resnet20_cifar10_stream50_kd100_ft.pt": ("8be6267c138e1876b3ef61075e9a96dc155f12b0c327c77f6d9b3eb398925a53", {
+        "top1": 0.8818, "macs": 20_063_792,
+        "export_sha256": "26cc872b8f40360b317c206452c407906a0bfc5da4136e59b86d4266a5b18c16",
+    }),
 }
 
 
@@ -118,7 +122,7 @@ def test_stream_net_clustered_as_it_was_fine_tuned(real_data):
 
 @pytest.mark.parametrize("name", ["resnet20_cifar10_half_merged_ft", "resnet20_cifar10_half_fpgm_ft",
                                   "resnet20_cifar10_half_merged5_ft", "resnet20_cifar10_half_centripetal5_ft",
-                                  "resnet20_cifar10_stream50_merged_ft"])
+                                  "resnet20_cifar10_stream50_merged_ft", "resnet20_cifar10_stream50_kd100_ft"])
 def test_half_point_comparison_nets(real_data, name):
     """Clustering vs pruning after the same 30 epochs at 49.5% fewer MACs (and clustering with
     residual streams at 50.5%), and merged vs centripetal fine-tuning after the same 5 (the README's
