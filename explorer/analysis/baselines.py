@@ -13,6 +13,7 @@ import torch
 from .. import pruning
 from ..clustering import ClusteringConfig
 from ..compress import compress, count_macs
+from ..training.finetune import is_pruned
 from .results import header, open_results, save_results
 
 SUFFIX = ".baselines.json"
@@ -90,26 +91,13 @@ def method_label(meta: dict) -> str:
     merged, residual streams)" (a clustered residual stream, ``ClusteringConfig.stream``)..."""
     ft = meta.get("finetune", {})
     name = ft.get("method_name", "tied")
-    if name == "pruned":
+    if is_pruned(meta):
         return f"pruning ({ft.get('pruning')})"
     clustering = meta.get("clustering") or {}
     space = "data-aware" if clustering.get("space") == "data" else "weight space"
     # Parsed like _started_from parses the same metadata: the configuration's own active_stream.
     streams = ", residual streams" if ClusteringConfig.from_dict(clustering).active_stream else ""
     return f"clustering ({space}, {name}{streams})"
-
-
-RESNET20_PARAMS = 269_722  # count_parameters(resnet20()), asserted in tests/test_model.py
-
-
-def compression_ratio(compression: dict) -> float:
-    """Parameters of the original ResNet20 over the reduced net's unique parameters, from a
-    fine-tuned run's metadata ``compression``. A clustering run records it; a pruned net (a
-    pruning baseline's run) has no shared filters, so there it is the plain parameter ratio.
-    Raises KeyError when ``compression`` has neither (not a finished run's metadata)."""
-    if "compression_ratio" in compression:
-        return compression["compression_ratio"]
-    return (compression.get("baseline_params") or RESNET20_PARAMS) / compression["params"]
 
 
 def _started_from(meta: dict) -> str:

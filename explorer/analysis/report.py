@@ -28,7 +28,7 @@ import pandas as pd
 from .. import checkpoints as ckpt
 from ..clustering import ClusteringConfig
 from ..evaluate import per_class_table
-from ..training.finetune import finetuned_for
+from ..training.finetune import finetuned_for, is_pruned
 from . import baselines, charts, comparison
 from .results import Evaluations, header, open_results, save_results
 from .search import load_search, pareto_table
@@ -373,8 +373,8 @@ def build_report(explorer, out: Path, sensitivity_path: Path | None, search_path
             c = m.get("compression") or {}
             after = (m.get("after") or {}).get("top1")
             rows.append({"run": m["name"], "status": m.get("status"), "epochs": m.get("epochs_done"),
-                         "options": (options_label(ClusteringConfig.from_dict(m["clustering"])) if "clustering" in m
-                                     else baselines.method_label(m)),
+                         "options": (baselines.method_label(m) if is_pruned(m)
+                                     else options_label(ClusteringConfig.from_dict(m["clustering"]))),
                          "before": pct(m["before"]["top1"]), "after": pct(after) if after is not None else "-",
                          "drop after (pp)": drop(after - base_top1) if after is not None else "-",
                          "MACs saved": f"{100 * c['mac_reduction']:.1f}%" if c else "-",
@@ -461,18 +461,17 @@ def finetuned_points(metas: list[dict], baseline_top1: float) -> pd.DataFrame:
     :func:`explorer.analysis.charts.pareto_chart`, in the columns of
     :func:`explorer.analysis.search.pareto_table`. Empty when none is finished.
 
-    A pruning baseline's run (metadata ``pruning``, no ``clustering``) is a row of its own source,
-    "fine-tuned, pruned"; its net has no shared filters, so its compression ratio is the parameter
-    ratio."""
+    A pruning baseline's run (:func:`explorer.training.finetune.is_pruned`: metadata ``pruning``,
+    no ``clustering``) is a row of its own source, "fine-tuned, pruned"."""
     rows = []
     for m in metas:
         if m.get("status") != "complete":
             continue
-        c, pruned = m["compression"], "clustering" not in m
+        c, pruned = m["compression"], is_pruned(m)
         rows.append({"source": "fine-tuned, pruned" if pruned else "fine-tuned", "top1": m["after"]["top1"],
                      "drop_pts": 100 * (baseline_top1 - m["after"]["top1"]),
                      "macs": c["macs"], "params": c["params"], "mac_reduction": c["mac_reduction"],
-                     "compression_ratio": baselines.compression_ratio(c),
+                     "compression_ratio": c["compression_ratio"],
                      "config": json.dumps(m["pruning" if pruned else "clustering"]["ks"]), "pareto_macs": False,
                      "pareto_params": False})
     return pd.DataFrame(rows)

@@ -36,7 +36,7 @@ from ..analysis.sensitivity import SUFFIX as SENS_SUFFIX, k_grid, load_sensitivi
 from ..clustering import ClusteringConfig
 from ..evaluate import per_class_table
 from ..model import CONV_LAYERS
-from ..training.finetune import finetuned_for
+from ..training.finetune import finetuned_for, is_pruned
 from . import charts, state
 from . import support as sup
 
@@ -389,11 +389,11 @@ def finetune_section(metas: list[dict], ckpt_dir: Path, checkpoint: Path | None,
             hp = m["finetune"].get("hyperparameters", {})
             top1, epoch = _latest(m)
             comp = m.get("compression") or {}
-            if "clustering" in m:
+            if is_pruned(m):  # a pruning baseline's run (explorer.baselines): no clustering configuration
+                options, reduced = baselines.method_label(m), len(m["pruning"]["ks"])
+            else:
                 cfg = ClusteringConfig.from_dict(m["clustering"])
                 options, reduced = report_options_label(cfg, long=True), len(cfg.active)
-            else:  # a pruning baseline's run (explorer.baselines): no clustering configuration
-                options, reduced = baselines.method_label(m), len(m["pruning"]["ks"])
             setting = f"lr {hp.get('lr', '?')}" + (f", KD {hp['distill']:g}" if hp.get("distill") else "")
             rows.append({
                 "run": m["name"], "status": m.get("status", "?"),
@@ -403,7 +403,7 @@ def finetune_section(metas: list[dict], ckpt_dir: Path, checkpoint: Path | None,
                 "Δ vs baseline pp": None if top1 is None or base_top1 is None else 100 * (top1 - base_top1),
                 "MACs saved %": 100 * comp["mac_reduction"] if comp else None,
                 "parameters": comp.get("params"),
-                "compression": f"{baselines.compression_ratio(comp):.2f}×" if comp else "when finished",
+                "compression": f"{comp['compression_ratio']:.2f}×" if comp else "when finished",
                 "settings": setting, "options": options, "layers reduced": reduced,
             })
     except READ_ERRORS as e:

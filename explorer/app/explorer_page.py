@@ -457,7 +457,7 @@ def open_upload(upload: sup.UploadedCheckpoint, data_root: str | None) -> Explor
 
 
 def finetuned_from(meta: dict) -> str:
-    """" (fine-tuned from **base**, 89.13% top-1)" for a fine-tuning result's metadata, else "": the
+    """" (fine-tuned from **base**, 89.1% top-1)" for a fine-tuning result's metadata, else "": the
     headline's baseline is this checkpoint itself, so the net it was reduced from is named here."""
     base = (meta.get("finetune") or {}).get("base_checkpoint")
     top1 = (meta.get("baseline") or {}).get("top1")

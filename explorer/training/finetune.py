@@ -35,7 +35,7 @@ from .. import checkpoints as ckpt
 from ..clustering import ClusteringConfig
 from ..compress import compress, count_macs, export_onnx, report, save_compressed
 from ..data import CLASSES, CIFAR10Tensors, normalize
-from ..model import conv_layer, count_parameters
+from ..model import conv_layer, count_parameters, resnet20
 from ..digest import state_digest
 from ..engine import FastEvaluator
 from ..evaluate import Comparison, evaluate, per_class_table
@@ -433,8 +433,7 @@ def _finetune_pruned(checkpoint, base, base_digest, config, ft, data, engine, ba
         after={"top1": after.top1, "per_class": after.per_class_dict(), "pruned_vs_masked_max_abs_logit_diff": max_diff},
         per_class_rows=per_class_table({"baseline": baseline, "before": before, "after": after}).to_dict("records"),
         top1_drop_pts=-100 * comp.top1_delta,
-        compression={"macs": macs, "baseline_macs": base_macs, "mac_reduction": 1 - macs / base_macs,
-                     "params": folded_parameters(small), "latency": lat or None},
+        compression=pruned_compression(small, macs, base_macs, count_parameters(base), lat or None),
         compressed_export=[str(pt), str(js), str(onnx)],
     )
     _complete(meta, files, ft, after.top1)
@@ -442,6 +441,20 @@ def _finetune_pruned(checkpoint, base, base_digest, config, ft, data, engine, ba
         print(f"done: top-1 {100 * baseline.top1:.2f}% (base) -> {100 * before.top1:.2f}% (pruned, {ft.pruning}) -> "
               f"{100 * after.top1:.2f}% (fine-tuned, {ft.epochs} epochs); {100 * (1 - macs / base_macs):.1f}% fewer MACs")
     return meta
+
+
+def pruned_compression(small: nn.Module, macs: int, base_macs: int, base_params: int, latency: dict | None) -> dict:
+    """The metadata ``compression`` of a pruned net, with the fields a clustering run's has
+    (:func:`explorer.compress.report`): parameters counted BN-folded (:func:`folded_parameters`),
+    the baseline's, and their ratio (a pruned net shares no filters: unique = all)."""
+    params = folded_parameters(small)
+    return {"macs": macs, "baseline_macs": base_macs, "mac_reduction": 1 - macs / base_macs, "params": params,
+            "baseline_params": base_params, "compression_ratio": base_params / params, "latency": latency}
+
+
+def is_pruned(meta: dict) -> bool:
+    """Whether a fine-tuning result's metadata is a pruning baseline's run (no clustering)."""
+    return meta.get("finetune", {}).get("method_name") == "pruned"
 
 
 def folded_parameters(net: nn.Module) -> int:
@@ -458,7 +471,13 @@ def list_finetuned(directory: str | os.PathLike = ckpt.DEFAULT_DIR) -> list[dict
     out = []
     for info in ckpt.list_checkpoints(directory):
         if "finetune" in info.meta:
-            out.append({**info.meta, "name": info.name})
+            meta = {**info.meta, "name": info.name}
+            c = meta.get("compression")
+            if is_pruned(meta) and c and "compression_ratio" not in c:
+                # a pruned run written before its metadata named the ratio: unique = all parameters
+                base = c.get("baseline_params") or count_parameters(resnet20())
+                meta["compression"] = {**c, "baseline_params": base, "compression_ratio": base / c["params"]}
+            out.append(meta)
     return sorted(out, key=lambda m: m["name"])
 
 
