@@ -32,8 +32,9 @@ from .model import ResNet20, resnet20
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 DEFAULT_NAME = "resnet20_cifar10"
 # JSON files that live beside checkpoints but are not checkpoint metadata: the trainer's status, app
-# configurations, and the analysis results of explorer.sensitivity / explorer.search.
-NOT_CHECKPOINT_SUFFIXES = (".status.json", ".config.json", ".sensitivity.json", ".search.json", ".baselines.json")
+# configurations, and the analysis results of explorer.sensitivity / explorer.search (and its --widths).
+NOT_CHECKPOINT_SUFFIXES = (".status.json", ".config.json", ".sensitivity.json", ".search.json", ".baselines.json",
+                           ".widths.json")
 
 
 class CheckpointError(RuntimeError):

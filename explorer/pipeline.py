@@ -159,6 +159,12 @@ class Explorer:
                     release_free_memory()
         return hit
 
+    def compressed(self, config: ClusteringConfig) -> CompressedResNet20:
+        """The structurally smaller net of ``config`` (:func:`explorer.compress.compress` of its
+        clustered model), without evaluating it; shares the clustering cache with :meth:`run`.
+        Raises ClusteringError for an invalid configuration."""
+        return self._prune(config.validate())[2]
+
     def cached(self, config: ClusteringConfig, latency_batches: tuple[int, ...] = ()) -> PruneResult | None:
         """The result of :meth:`run` for ``config`` if it is in the cache, else None (no work)."""
         return self._cache.get(config.key() + repr(latency_batches))

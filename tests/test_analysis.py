@@ -601,6 +601,7 @@ def test_analysis_files_are_not_listed_as_checkpoints(checkpoint, tmp_path):
     ckpt.save_json({"architecture": "resnet20", "status": "complete", "test_top1": 0.5}, d / "m.json")
     ckpt.save_json({"header": {}, "points": {}}, d / "m.sensitivity.json")
     ckpt.save_json({"header": {}, "evaluations": {}}, d / "m.search.json")
+    ckpt.save_json({"options": {}, "records": []}, d / "m.widths.json")
     assert [i.name for i in ckpt.list_checkpoints(d)] == ["m"]
 
 

@@ -8,6 +8,7 @@ from .. import checkpoints as ckpt
 from ..analysis.results import beside
 from ..analysis.search import (DEFAULT_TAU, OBJECTIVES, STREAM_FRACTIONS, SUFFIX, UNIFORM_KS, most_accurate_record,
                                run_key, run_search, search_stream_setting)
+from ..analysis.widths import SUFFIX as WIDTHS_SUFFIX, rank_widths, width_grid
 from ..analysis.sensitivity import K_GRID, SUFFIX as SENS_SUFFIX
 from ..clustering import ClusteringConfig, ClusteringError
 from ..model import CONV_LAYER_NAMES
@@ -17,6 +18,7 @@ EXAMPLES = """
 python -m explorer.search --budget 0.5 1 2        # one greedy run per budget (accuracy points)
 python -m explorer.search --fold-bn --budget 5 10 20 40 --target-reduction 0.42 --write-config cfg.json
 python -m explorer.search --fold-bn --stream --budget 1 --out checkpoints/x_stream.search.json   # + stream moves
+python -m explorer.search --widths --target-reduction 0.65 --fold-bn --space data --recovery lsq --write-config cfg.json
 """
 
 
@@ -52,6 +54,14 @@ def build_parser():
     p.add_argument("--target-reduction", type=float, default=None, metavar="FRACTION",
                    help="with --write-config: write instead the most accurate verified configuration that saves at "
                         "least this fraction of MACs (or params), e.g. 0.45 - a start for fine-tuning")
+    p.add_argument("--widths", action="store_true",
+                   help="instead: rank whole stage-width shapes (stream k and block-first-conv k per stage) that "
+                        "save --target-reduction of MACs (to + --band), by top-1 on held-out training images "
+                        "(explorer.analysis.widths; result: checkpoints/<name>.widths.json; needs --fold-bn)")
+    p.add_argument("--band", type=float, default=0.005, metavar="FRACTION",
+                   help="with --widths: shapes saving up to this much more than --target-reduction")
+    p.add_argument("--step", type=int, default=8, metavar="K",
+                   help="with --widths: every k a multiple of this (8: widths oneDNN runs at full speed)")
     p.add_argument("--restart", action="store_true", help="discard an existing result file")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
@@ -78,12 +88,41 @@ def print_table(doc: dict, budgets: list[float], objective: str, options: Cluste
               f"{100 * r['mac_reduction']:5.1f}%  {r['params']:8,}  k = {ks[-1]}")
 
 
+def widths_main(args) -> int:
+    """``--widths``: rank the shapes of :func:`explorer.analysis.widths.width_grid` and print them."""
+    if args.target_reduction is None:
+        raise ClusteringError("--widths needs --target-reduction, e.g. 0.65 for 65% fewer MACs")
+    options = clustering_options(args)
+    shapes = width_grid(args.target_reduction, args.band, args.step)
+    if not shapes:
+        raise ClusteringError(f"no shape with every k a multiple of {args.step} saves "
+                              f"{100 * args.target_reduction:g}-{100 * (args.target_reduction + args.band):g}% of MACs; "
+                              "widen --band or lower --step")
+    shapes[0].config(options)  # options that cannot cluster a stream: before loading anything
+    out = Path(args.out) if args.out else beside(args.checkpoint, WIDTHS_SUFFIX)
+    if args.restart and out.exists():
+        out.unlink()
+    doc = rank_widths(explorer_from_args(args), shapes, options, out, not args.quiet)
+    wanted = {(s.stream, s.conv1) for s in shapes}  # the file may also hold other targets' shapes
+    records = [r for r in doc["records"] if (tuple(r["stream"]), tuple(r["conv1"])) in wanted]
+    print(f"{'held-out':>8}  {'fewer':>6}  {'MACs':>12}  shape")
+    for r in records:
+        print(f"{100 * r['select_top1']:7.2f}%  {100 * r['mac_reduction']:5.1f}%  {r['macs']:12,}  {r['label']}")
+    if args.write_config:
+        ckpt.save_json(ClusteringConfig.from_dict(records[0]["config"]).to_dict(), args.write_config)
+        print(f"wrote {args.write_config} ({records[0]['label']})")
+    print(f"results: {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out) if args.out else beside(args.checkpoint, SUFFIX)
     sens = Path(args.sensitivity) if args.sensitivity else beside(args.checkpoint, SENS_SUFFIX)
 
     def body() -> int:
+        if args.widths:
+            return widths_main(args)
         if any(b < 0 for b in args.budget):
             raise ClusteringError("--budget must be >= 0 points")
         options = clustering_options(args)
