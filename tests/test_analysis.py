@@ -435,8 +435,12 @@ def test_finetune_keeps_weights_exactly_clustered_and_compress_matches(checkpoin
     meta = finetune(checkpoint, cfg, ft, data, quiet=True, stop_after=1)
     assert meta["status"] == "training" and meta["epochs_done"] == 1
     first = json.loads((tmp_path / "rand_ft.log.jsonl").read_text().splitlines()[0])
+    state = ckpt.load_torch(tmp_path / "rand_ft.train.pt")
+    assert state["started"] == meta["started"]
+    ckpt.save_torch({**state, "started": "2000-01-01T00:00:00Z"}, tmp_path / "rand_ft.train.pt")
     meta = finetune(checkpoint, cfg, ft, data, resume=True, quiet=True)  # resumes at epoch 2
     assert meta["status"] == "complete" and len(meta["recovery"]) == 3
+    assert meta["started"] == "2000-01-01T00:00:00Z"  # when the run started, not when it resumed
     assert json.loads((tmp_path / "rand_ft.log.jsonl").read_text().splitlines()[0]) == first
 
     tuned = ckpt.load_model(tmp_path / "rand_ft.pt")

@@ -228,6 +228,12 @@ def test_a_pruning_baselines_run_is_listed_beside_the_clustering_ones(env, tmp_p
     row = runs.loc[f"{NAME}_fpgm_ft"]
     assert row["options"] == "pruning (fpgm)" and row["layers reduced"] == 2
     assert row["compression"] == f"{BASE_PARAMS / (BASE_PARAMS // 2):.2f}×"
+    # its per-class block names its before-net for what it is: pruned, not clustered
+    at.selectbox(key="analysis.ft_run").set_value(f"{NAME}_fpgm_ft").run()
+    no_exception(at)
+    per_class = next(df.value for df in at.dataframe if "airplane" in df.value.columns)
+    assert list(per_class[""]) == ["baseline %", "pruned %", "fine-tuned %", "fine-tuned - baseline pp"]
+    assert any("the base checkpoint, pruned (before fine-tuning)" in c.value for c in at.caption)
 
 
 def test_missing_results_show_the_commands(env, tmp_path):

@@ -82,3 +82,15 @@ def test_recovery_cost_compares_variants_on_the_same_changes(tmp_path):
         assert r[v]["top1"] == [ref.run(replace(c, **opts)).evaluation.top1 for c in seq], v
     text = bench.format_recovery_cost(r)
     assert "extra median s" in text and "re-fitted-prefix cache" in text
+
+
+def test_bench_refuses_two_benchmarks_at_once(capsys):
+    from explorer.cli.bench import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--conv-widths", "--latency", "x.pt"])
+    assert e.value.code == 2
+    assert "--latency and --conv-widths are different benchmarks; run them one at a time" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--exactness", "--load"])
+    assert "--exactness and --browser" in capsys.readouterr().err

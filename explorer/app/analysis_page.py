@@ -431,7 +431,8 @@ def finetune_section(metas: list[dict], ckpt_dir: Path, checkpoint: Path | None,
 
 def per_class_block(metas: list[dict], chart_col) -> None:
     """Per-class accuracy of one fine-tuned run (picked): change vs baseline (chart, in ``chart_col``)
-    and below, full width, the table: baseline, clustered, fine-tuned and the change, per class."""
+    and below, full width, the table: baseline, clustered (pruned, for a pruning run), fine-tuned and
+    the change, per class."""
     names = [m["name"] for m in metas if m.get("baseline") and m.get("before")]
     if not names:
         return
@@ -441,17 +442,18 @@ def per_class_block(metas: list[dict], chart_col) -> None:
     with chart_col:
         run = st.selectbox("Per-class accuracy of", names, key="analysis.ft_run")
     m = next(m for m in metas if m["name"] == run)
+    reduced = "pruned" if is_pruned(m) else "clustered"  # what the run's "before" net is
     try:
         base, before = m["baseline"]["per_class"], m["before"]["per_class"]
         after = (m.get("after") or {}).get("per_class")
-        pc = per_class_table({"baseline": base, "clustered": before, "fine-tuned": after}).set_index("class")
-        rows = {"baseline %": 100 * pc["baseline"], "clustered %": 100 * pc["clustered"]}
+        pc = per_class_table({"baseline": base, reduced: before, "fine-tuned": after}).set_index("class")
+        rows = {"baseline %": 100 * pc["baseline"], f"{reduced} %": 100 * pc[reduced]}
         if after is not None:
             rows["fine-tuned %"] = 100 * pc["fine-tuned"]
             rows["fine-tuned - baseline pp"] = 100 * (pc["fine-tuned"] - pc["baseline"])
         table = pd.DataFrame(rows).T.rename_axis(None, axis=1).reset_index(names="")
         deltas = pd.DataFrame([{"class": c, "variant": v, "delta": pc.loc[c, v] - pc.loc[c, "baseline"]}
-                               for v in ("clustered", "fine-tuned") if v in pc for c in pc.index])
+                               for v in (reduced, "fine-tuned") if v in pc for c in pc.index])
     except READ_ERRORS as e:
         with chart_col:
             st.warning(f"{run}: per-class accuracy could not be read: {e}", icon=":material/warning:")
@@ -461,7 +463,7 @@ def per_class_block(metas: list[dict], chart_col) -> None:
                         width="stretch", height=260)
     st.dataframe(table, hide_index=True, width="stretch",
                  column_config={c: st.column_config.NumberColumn(format="%.1f") for c in pc.index})
-    st.caption(f"Per-class test accuracy of {run}: the base checkpoint, clustered (before fine-tuning) and "
+    st.caption(f"Per-class test accuracy of {run}: the base checkpoint, {reduced} (before fine-tuning) and "
                f"fine-tuned; the last row in percentage points." if after is not None else
                f"{run} is still training: its fine-tuned per-class accuracy appears when it finishes.")
 

@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=int, default=None, help="EXPLORER_THREADS of the server (default torch's)")
     b.add_argument("--timeout", type=float, default=900, help="seconds one answer may take before it is an error")
     args = p.parse_args(argv)
+    modes = [flag for flag, on in (("--exactness", args.exactness), ("--recovery", args.recovery),
+                                   ("--latency", args.latency), ("--conv-widths", args.conv_widths),
+                                   ("--browser", args.browser or args.load)) if on]
+    if len(modes) > 1:  # each is "instead" of the others: running one silently would hide the rest
+        p.error(f"{' and '.join(modes)} are different benchmarks; run them one at a time")
     try:
         if args.browser or args.load:
             if args.load:

@@ -266,6 +266,13 @@ def _status(files: dict, epochs: int, epoch: float, log: list[dict], wall: float
                       done_this_run=round(done_here, 3))
 
 
+def _read_started(path: Path) -> str | None:
+    try:
+        return ckpt.read_json(path).get("started")
+    except ckpt.CheckpointError:
+        return None
+
+
 def run_epochs(cfg: LoopConfig, hooks: Hooks, data: CIFAR10Tensors, optimizer, scheduler, steps: int,
                files: dict[str, Path], meta: dict, pins: Pins, device: torch.device, *, rank: int = 0,
                world: int = 1, resume: bool = False, quiet: bool = False, stop_after: int | None = None,
@@ -286,6 +293,11 @@ def run_epochs(cfg: LoopConfig, hooks: Hooks, data: CIFAR10Tensors, optimizer, s
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, log, wall = state["epoch"], list(state["log"]), state["wall_seconds"]
+        # A resumed run started when its first epoch did, not now (resume files from before this
+        # field: the metadata the last epoch wrote says when).
+        started = state.get("started") or _read_started(files["meta"])
+        if started and "started" in meta:
+            meta["started"] = started
     elif resume and is_main and not quiet:
         print(f"--resume: no {files['train'].name} yet, starting from epoch 0", file=sys.stderr)
 
@@ -344,7 +356,7 @@ def run_epochs(cfg: LoopConfig, hooks: Hooks, data: CIFAR10Tensors, optimizer, s
             ckpt.save_torch(hooks.weights(), files["weights"])
             ckpt.save_torch({**hooks.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "log": log,
-                             "wall_seconds": wall, **pins.to_state()}, files["train"])
+                             "wall_seconds": wall, "started": meta.get("started"), **pins.to_state()}, files["train"])
             meta.update(status="training", epochs_done=epoch + 1, wall_seconds=round(wall, 1),
                         **hooks.epoch_meta(record, log))
             ckpt.save_json(meta, files["meta"])
