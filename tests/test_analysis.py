@@ -430,17 +430,25 @@ def test_finetune_keeps_weights_exactly_clustered_and_compress_matches(checkpoin
                            fold_bn=True)
     clustered, _ = prune(model, cfg)
     initial = compress(clustered, prune(model, cfg)[1])
-    ft = FinetuneConfig(epochs=2, batch_size=32, lr=0.05, name="rand_ft", out=str(tmp_path), rebase_images=64,
+    ft = FinetuneConfig(epochs=3, batch_size=32, lr=0.05, name="rand_ft", out=str(tmp_path), rebase_images=64,
                         precision="fp32")
     meta = finetune(checkpoint, cfg, ft, data, quiet=True, stop_after=1)
     assert meta["status"] == "training" and meta["epochs_done"] == 1
     first = json.loads((tmp_path / "rand_ft.log.jsonl").read_text().splitlines()[0])
-    state = ckpt.load_torch(tmp_path / "rand_ft.train.pt")
+    # A resumed run keeps the time it started: from its resume state, else (files from before the
+    # state held it) from the metadata the last epoch wrote
+    train, meta_file = tmp_path / "rand_ft.train.pt", tmp_path / "rand_ft.json"
+    state = ckpt.load_torch(train)
     assert state["started"] == meta["started"]
-    ckpt.save_torch({**state, "started": "2000-01-01T00:00:00Z"}, tmp_path / "rand_ft.train.pt")
-    meta = finetune(checkpoint, cfg, ft, data, resume=True, quiet=True)  # resumes at epoch 2
-    assert meta["status"] == "complete" and len(meta["recovery"]) == 3
-    assert meta["started"] == "2000-01-01T00:00:00Z"  # when the run started, not when it resumed
+    ckpt.save_torch({**state, "started": "2000-01-01T00:00:00Z"}, train)
+    ckpt.save_json({**ckpt.read_json(meta_file), "started": "1999-01-01T00:00:00Z"}, meta_file)
+    meta = finetune(checkpoint, cfg, ft, data, resume=True, quiet=True, stop_after=1)  # epoch 2
+    assert meta["started"] == "2000-01-01T00:00:00Z"
+    ckpt.save_torch({k: v for k, v in ckpt.load_torch(train).items() if k != "started"}, train)
+    ckpt.save_json({**ckpt.read_json(meta_file), "started": "1999-01-01T00:00:00Z"}, meta_file)
+    meta = finetune(checkpoint, cfg, ft, data, resume=True, quiet=True)  # epoch 3
+    assert meta["status"] == "complete" and len(meta["recovery"]) == 4
+    assert meta["started"] == "1999-01-01T00:00:00Z"
     assert json.loads((tmp_path / "rand_ft.log.jsonl").read_text().splitlines()[0]) == first
 
     tuned = ckpt.load_model(tmp_path / "rand_ft.pt")

@@ -3,6 +3,7 @@ ResNet20 and synthetic data: the analytic MACs are the compressed net's real cou
 exactly the valid shapes in the band, the ranking is by held-out training images only and resumes."""
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from explorer import checkpoints as ckpt
-from explorer.analysis.results import make_explorer
+from explorer.analysis.results import ResultsMismatch, make_explorer
 from explorer.analysis.widths import BASELINE_SHAPE, StageWidths, rank_widths, shape_macs, width_grid
 from explorer.clustering import ClusteringConfig, ClusteringError
 from explorer.compress import count_macs
@@ -56,6 +57,19 @@ def test_width_grid_is_every_valid_shape_in_the_band():
     grid = width_grid(0.65, 0.005, 8)
     base = shape_macs(BASELINE_SHAPE)
     assert len(grid) == len(set(grid)) == 17
+    # exactly the shapes a brute force over every k accepts (valid configuration, in the band)
+    ks = [range(8, w + 1, 8) for w in (16, 32, 64)]
+    brute = set()
+    for stream in itertools.product(*ks):
+        for conv1 in itertools.product(*ks):
+            shape = StageWidths(stream, conv1)
+            try:
+                shape.config(FAST)
+            except ClusteringError:
+                continue
+            if 0.65 <= 1 - shape_macs(shape) / base <= 0.655:
+                brute.add(shape)
+    assert set(grid) == brute
     assert StageWidths((8, 24, 64), (8, 8, 40)) in grid  # the shipped 65% configuration
     assert StageWidths((16, 32, 64), (8, 8, 16)) in grid  # streams unclustered: only the conv1s
     for s in grid:
@@ -67,6 +81,8 @@ def test_width_grid_is_every_valid_shape_in_the_band():
     # stage 2's stream must hold stage 1's 16 unclustered channels plus the padded group: 16 is too few
     assert not any(s.stream[0] == 16 and s.stream[1] == 16 for s in width_grid(0.6, 0.1, 8))
     assert len(width_grid(0.65, 0.005, 4)) > len(grid)
+    # a step that does not divide a width still offers that width (the stream left unclustered)
+    assert any(s.stream[0] == 16 for s in width_grid(0.5, 0.01, 12))
     for bad, match in (((1.2, 0.005, 8), "fraction"), ((0.65, -1, 8), "band"), ((0.65, 0.005, 0), "step")):
         with pytest.raises(ClusteringError, match=match):
             width_grid(*bad)
@@ -74,7 +90,7 @@ def test_width_grid_is_every_valid_shape_in_the_band():
 
 class Counting:
     def __init__(self, explorer):
-        self.e, self.calls, self.model = explorer, 0, explorer.model
+        self.e, self.calls, self.model, self.data = explorer, 0, explorer.model, explorer.data
 
     def select_top1(self, config):
         self.calls += 1
@@ -97,18 +113,38 @@ def test_rank_widths_ranks_on_held_out_images_resumes_and_rebuilds(model, data, 
         cfg = ClusteringConfig.from_dict(r["config"])
         assert r["select_top1"] == ex.e.select_top1(cfg)[0]
         assert r["macs"] == shape_macs(StageWidths(tuple(r["stream"]), tuple(r["conv1"])))
-    # the test split does not choose: noise there, the same ranking
-    noise = torch.randint(0, 256, data.test_images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
-    other = rank_widths(make_explorer(model, replace(data, test_images=noise), "w2", 16), shapes, FAST, None,
-                        progress=False)
+    # the test split does not choose: an explorer whose test evaluator raises ranks the same
+    class Trap:
+        mixed = False
+
+        def evaluate(self, *a, **k):
+            raise AssertionError("the ranking read the test split")
+
+    trapped = make_explorer(model, data, "w2", 16)
+    trapped.engine = Trap()
+    other = rank_widths(trapped, shapes, FAST, None, progress=False)
     assert [r["label"] for r in other["records"]] == [r["label"] for r in recs]
     # resume: nothing re-evaluated; other options refused; a damaged file is ranked again
     calls = ex.calls
     assert rank_widths(ex, shapes, FAST, path, progress=False) == doc and ex.calls == calls
-    with pytest.raises(ClusteringError, match="other clustering options"):
+    with pytest.raises(ResultsMismatch, match="other clustering options"):
         rank_widths(ex, shapes, replace(FAST, seed=1), path, progress=False)
     path.write_text(path.read_text()[:40])
     assert rank_widths(ex, shapes, FAST, path, progress=False)["records"] == recs and ex.calls == calls + 3
+    damaged = json.loads(path.read_text())
+    del damaged["records"][0]["select_top1"]
+    path.write_text(json.dumps(damaged))
+    assert rank_widths(ex, shapes, FAST, path, progress=False)["records"] == recs and ex.calls == calls + 6
+    # the file pins the weights and the dataset
+    with pytest.raises(ResultsMismatch, match="another checkpoint"):
+        rank_widths(Counting(make_explorer(positive_bn_model(6), data, "w3", 16)), shapes, FAST, path, progress=False)
+    pinned = json.loads(path.read_text())
+    path.write_text(json.dumps({**pinned, "dataset": {**pinned["dataset"], "fingerprint": "0"}}))
+    with pytest.raises(ResultsMismatch, match="another dataset"):
+        rank_widths(ex, shapes, FAST, path, progress=False)
+    path.write_text(json.dumps({"header": {}, "evaluations": {}}))  # a search result given as --out
+    with pytest.raises(ClusteringError, match="not a --widths ranking"):
+        rank_widths(ex, shapes, FAST, path, progress=False)
 
 
 def test_search_cli_widths(model, tmp_path, capsys):
@@ -129,9 +165,20 @@ def test_search_cli_widths(model, tmp_path, capsys):
     half = capsys.readouterr().out
     assert doc["records"][0]["label"] not in half
     assert len(json.loads(out.read_text())["records"]) == len(doc["records"]) + len(width_grid(0.5, 0.002, 8))
-    best = ClusteringConfig.from_json(cfg.read_text()).to_dict()
-    rec = next(r for r in json.loads(out.read_text())["records"] if r["config"] == best)
-    assert 0.5 <= 1 - shape_macs(StageWidths(tuple(rec["stream"]), tuple(rec["conv1"]))) / shape_macs(BASELINE_SHAPE) <= 0.502
+    half_grid = {(s.stream, s.conv1) for s in width_grid(0.5, 0.002, 8)}
+    halves = [r for r in json.loads(out.read_text())["records"] if (tuple(r["stream"]), tuple(r["conv1"])) in half_grid]
+    best = max(halves, key=lambda r: r["select_top1"])
+    assert ClusteringConfig.from_json(cfg.read_text()).to_dict() == best["config"]  # the best 50% one, not 65%
+    # flags of the greedy search do not apply to --widths, nor --band / --step without it
+    for extra, msg in ((["--objective", "params"], "--objective does not apply to --widths"),
+                       (["--stream-k", "1=8", "--layers", "conv1"], "--layers, --stream-k do not apply to --widths"),
+                       (["--seeds", "3"], "--seeds picks a k-means seed")):
+        with pytest.raises(SystemExit):
+            main(argv + extra)
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([a for a in argv if a != "--widths"])
+    assert "--band does not apply without --widths" in capsys.readouterr().err
     assert main(argv[:5] + ["--fold-bn", "--out", str(out)]) == 2
     assert "--widths needs --target-reduction" in capsys.readouterr().err
     assert main([a for a in argv if a != "--fold-bn"]) == 2  # no --fold-bn: a stream cannot be clustered

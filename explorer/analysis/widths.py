@@ -7,8 +7,8 @@ block's second conv, :func:`explorer.clustering.cluster_stream`; its width means
 one k ``conv1[s]`` for the first conv of each of its three blocks. :func:`width_grid` lists the
 shapes whose analytic MAC count (:func:`shape_macs`) saves a fraction of MACs in
 ``[target, target + band]``, with every k a multiple of ``step``, the option-A shortcut's rule
-(:func:`explorer.clustering.stream_min_k`: a stage's stream k exceeds the previous stage's) and
-the stem's first stage not wider than its width; :func:`rank_widths` clusters each one with the
+(:func:`explorer.clustering.stream_min_k`: a stage's stream k exceeds the previous stage's), and
+no k above its stage's width (the width itself: unclustered); :func:`rank_widths` clusters each one with the
 given options (data-aware k-means and least-squares recovery, say) and ranks them by top-1 on the
 2,000 held-out *training* images (:meth:`explorer.pipeline.Explorer.select_top1`), so the test
 split never chooses. The MACs recorded are the real count of the compressed net
@@ -30,7 +30,9 @@ from pathlib import Path
 from .. import checkpoints as ckpt
 from ..clustering import ClusteringConfig, ClusteringError, stream_min_k
 from ..compress import count_macs
+from ..digest import state_digest
 from ..model import BLOCKS_PER_STAGE, STAGE_WIDTHS, STREAM_STAGES, stream_width
+from .results import ResultsMismatch
 
 SUFFIX = ".widths.json"
 NUM_CLASSES = 10
@@ -80,7 +82,7 @@ BASELINE_SHAPE = StageWidths(STAGE_WIDTHS, STAGE_WIDTHS)
 def width_grid(target: float, band: float = 0.005, step: int = 8) -> list[StageWidths]:
     """Every shape whose analytic MACs (:func:`shape_macs`) save a fraction in ``[target, target +
     band]`` of the unclustered ResNet20's, every k a multiple of ``step`` (and at most its stage's
-    width), and each clustered stream's k above the previous stage's (:func:`explorer.clustering.stream_min_k`).
+    width; the width itself is always offered), and each clustered stream's k above the previous stage's (:func:`explorer.clustering.stream_min_k`).
     Sorted by fraction saved, then shape. Raises ClusteringError for a target outside (0, 1), a
     negative band or a step outside 1..16."""
     if not 0 < target < 1:
@@ -90,7 +92,7 @@ def width_grid(target: float, band: float = 0.005, step: int = 8) -> list[StageW
     if not 1 <= step <= STAGE_WIDTHS[0]:
         raise ClusteringError(f"--step must be in 1..{STAGE_WIDTHS[0]}; got {step}")
     base = shape_macs(BASELINE_SHAPE)
-    ks = [list(range(step, w + 1, step)) or [w] for w in STAGE_WIDTHS]
+    ks = [sorted({*range(step, w + 1, step), w}) for w in STAGE_WIDTHS]  # the width: that k unclustered
     out = []
     for stream in itertools.product(*ks):
         clustered = {st: k for st, k in zip(STREAM_STAGES, stream) if k < stream_width(st)}
@@ -105,27 +107,53 @@ def width_grid(target: float, band: float = 0.005, step: int = 8) -> list[StageW
     return [s for _, s in out]
 
 
+def _read_ranking(path: Path) -> dict | None:
+    """The ranking in ``path``, or None (with a line on stderr) when it is damaged: cut short,
+    overwritten, or its records unreadable; the shapes are then ranked again. Raises ClusteringError
+    for a readable JSON file that is not a ranking (another command's results)."""
+    try:
+        old = ckpt.read_json(path)
+    except ckpt.CheckpointError as e:
+        print(f"{e}; ranking again from the start", file=sys.stderr)
+        return None
+    if "options" not in old and "records" not in old:
+        raise ClusteringError(f"{path.name} is not a --widths ranking (no options, no records); give --out "
+                              "another file")
+    records = old.get("records")
+    fields = ("stream", "conv1", "label", "config", "macs", "mac_reduction", "select_top1", "select_drop_pts")
+    if not (isinstance(old.get("options"), dict) and isinstance(records, list)
+            and all(isinstance(r, dict) and all(f in r for f in fields) for r in records)):
+        print(f"{path.name}: damaged ranking; ranking again from the start", file=sys.stderr)
+        return None
+    return old
+
+
 def rank_widths(explorer, shapes: list[StageWidths], options: ClusteringConfig, path: str | Path | None = None,
                 progress: bool = True) -> dict:
     """Cluster every shape with ``options`` (:meth:`StageWidths.config`) and rank them by top-1 on
     the held-out training images. Resumable: records already in ``path`` (same options) are kept.
     Returns ``{"options": ..., "baseline_select_top1": f, "records": [{"stream", "conv1", "label",
     "config", "macs", "mac_reduction", "select_top1", "select_drop_pts"}, ...]}``, best first;
-    written atomically to ``path`` after every shape. Raises ClusteringError for options that cannot
-    cluster a stream, or a file made with other options (use another path)."""
+    written atomically to ``path`` after every shape; the file pins the checkpoint's weights
+    (``weights_sha1``) and the dataset. A damaged file is ranked again. Raises ClusteringError for
+    options that cannot cluster a stream or a file that is not a ranking, ResultsMismatch for a file
+    ranked on other weights, data or options."""
     opts = options.to_dict()
     opts.pop("ks", None), opts.pop("stream", None)
-    doc = {"options": opts, "baseline_select_top1": None, "records": []}
+    pins = {"weights_sha1": state_digest(explorer.model), "dataset": explorer.data.identity.to_dict()}
+    doc = {**pins, "options": opts, "baseline_select_top1": None, "records": []}
     if path is not None and Path(path).exists():
-        try:
-            old = ckpt.read_json(path)
-        except ckpt.CheckpointError as e:  # a cut-short or overwritten file: its evaluations are redone
-            print(f"{e}; ranking again from the start", file=sys.stderr)
-            old = doc
-        if old.get("options") != opts:
-            raise ClusteringError(f"{path} was ranked with other clustering options ({old.get('options')}); "
-                                  "give --out another file or the same options")
-        doc = old
+        old = _read_ranking(Path(path))
+        if old is not None:
+            for key, want in pins.items():
+                if old.get(key) != want:
+                    raise ResultsMismatch(f"{Path(path).name} was ranked on another {'checkpoint' if key == 'weights_sha1' else 'dataset'} "
+                                          f"({key} {old.get(key)!r}, now {want!r}); pass --restart to discard it, "
+                                          "or --out to write elsewhere")
+            if old["options"] != opts:
+                raise ResultsMismatch(f"{Path(path).name} was ranked with other clustering options ({old['options']}); "
+                                      "pass --restart to discard it, or --out to write elsewhere")
+            doc = old
     done = {(tuple(r["stream"]), tuple(r["conv1"])) for r in doc["records"]}
     base_macs = count_macs(explorer.model)
     for i, shape in enumerate(shapes):

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     modes = [flag for flag, on in (("--exactness", args.exactness), ("--recovery", args.recovery),
                                    ("--latency", args.latency), ("--conv-widths", args.conv_widths),
-                                   ("--browser", args.browser or args.load)) if on]
+                                   ("--browser" if args.browser else "--load", args.browser or args.load)) if on]
     if len(modes) > 1:  # each is "instead" of the others: running one silently would hide the rest
         p.error(f"{' and '.join(modes)} are different benchmarks; run them one at a time")
     try:

@@ -88,7 +88,7 @@ def print_table(doc: dict, budgets: list[float], objective: str, options: Cluste
               f"{100 * r['mac_reduction']:5.1f}%  {r['params']:8,}  k = {ks[-1]}")
 
 
-def widths_main(args) -> int:
+def widths_main(args, out: Path) -> int:
     """``--widths``: rank the shapes of :func:`explorer.analysis.widths.width_grid` and print them."""
     if args.target_reduction is None:
         raise ClusteringError("--widths needs --target-reduction, e.g. 0.65 for 65% fewer MACs")
@@ -99,9 +99,8 @@ def widths_main(args) -> int:
                               f"{100 * args.target_reduction:g}-{100 * (args.target_reduction + args.band):g}% of MACs; "
                               "widen --band or lower --step")
     shapes[0].config(options)  # options that cannot cluster a stream: before loading anything
-    out = Path(args.out) if args.out else beside(args.checkpoint, WIDTHS_SUFFIX)
-    if args.restart and out.exists():
-        out.unlink()
+    if args.restart:
+        out.unlink(missing_ok=True)
     doc = rank_widths(explorer_from_args(args), shapes, options, out, not args.quiet)
     wanted = {(s.stream, s.conv1) for s in shapes}  # the file may also hold other targets' shapes
     records = [r for r in doc["records"] if (tuple(r["stream"]), tuple(r["conv1"])) in wanted]
@@ -116,13 +115,26 @@ def widths_main(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    out = Path(args.out) if args.out else beside(args.checkpoint, SUFFIX)
+    p = build_parser()
+    args = p.parse_args(argv)
+    # Each mode's own flags; the other mode's, given with it, would be silently ignored.
+    greedy_only = ("budget", "objective", "tau", "max_evals", "uniform_ks", "layers", "stream_stages",
+                   "stream_fractions", "grid", "sensitivity", "stream")
+    given = [d for d in (greedy_only if args.widths else ("band", "step")) if getattr(args, d) != p.get_default(d)]
+    if given:
+        flags = ", ".join("--" + ("stream-k" if d == "stream" else "stream" if d == "stream_stages" else
+                                  d.replace("_", "-")) for d in given)
+        p.error(f"{flags} {'do' if len(given) > 1 else 'does'} not apply "
+                f"{'to --widths (it ranks whole shapes by MACs)' if args.widths else 'without --widths'}")
+    if args.widths and args.seeds > 1:
+        p.error("--seeds picks a k-means seed on the held-out images that --widths ranks the shapes on, which "
+                "would flatter every shape; rank with one seed and try seeds on the chosen configuration")
+    out = Path(args.out) if args.out else beside(args.checkpoint, WIDTHS_SUFFIX if args.widths else SUFFIX)
     sens = Path(args.sensitivity) if args.sensitivity else beside(args.checkpoint, SENS_SUFFIX)
 
     def body() -> int:
         if args.widths:
-            return widths_main(args)
+            return widths_main(args, out)
         if any(b < 0 for b in args.budget):
             raise ClusteringError("--budget must be >= 0 points")
         options = clustering_options(args)
