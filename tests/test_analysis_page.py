@@ -308,3 +308,50 @@ def test_result_files_are_cached_until_rewritten(tmp_path, monkeypatch):
     path.unlink()
     with pytest.raises(ckpt.CheckpointError):
         analysis_page.read_result("json", path)
+
+
+def _widths_record(stream, conv1, top1):
+    from explorer.analysis.widths import StageWidths, shape_macs
+
+    shape = StageWidths(stream, conv1)
+    macs = shape_macs(shape)
+    return {"stream": list(stream), "conv1": list(conv1), "label": shape.label(),
+            "config": shape.config(ClusteringConfig(fold_bn=True)).to_dict(), "macs": macs,
+            "mac_reduction": 1 - macs / 40_551_040, "select_top1": top1, "select_drop_pts": 100 * (0.5 - top1)}
+
+
+def test_widths_ranking_is_listed_and_a_shape_applies(env, tmp_path, monkeypatch):
+    import explorer.data
+
+    from explorer.data import synthetic_cifar10
+
+    d = env(checkpoint_dir(tmp_path / "ckpts"))
+    path = d / f"{NAME}.widths.json"
+    at = make_app({"page": "analysis"}).run()
+    no_exception(at)
+    assert any("No shapes ranked for this checkpoint yet: `python -m explorer.search --widths --target-reduction 0.65"
+               in c.value for c in at.caption)
+    ckpt.save_json({"options": {}, "baseline_select_top1": 0.5,
+                    "records": [_widths_record((8, 24, 64), (8, 8, 40), 0.25),
+                                _widths_record((16, 32, 64), (8, 8, 16), 0.40)]}, path)
+    monkeypatch.setattr(explorer.data, "load_cifar10", lambda root=None, download=True: synthetic_cifar10(64, 40, 3))
+    at = make_app({"page": "analysis"}).run()
+    no_exception(at)
+    assert not at.warning
+    table = next(df.value for df in at.dataframe if "shape" in df.value.columns)
+    assert list(table["shape"]) == ["streams 16/32/64, conv1 8/8/16", "streams 8/24/64, conv1 8/8/40"]  # best first
+    assert table["held-out top-1 %"].tolist() == pytest.approx([40.0, 25.0])
+    assert table["MACs"].tolist() == [14_008_960, 14_045_824]
+    assert any("2 shapes" in c.value and "(unclustered: 50.0%)" in c.value for c in at.caption)
+    at.selectbox(key="analysis.width_shape").set_value("streams 8/24/64, conv1 8/8/40").run()
+    next(b for b in at.button if b.key == "analysis.width_apply").click().run()
+    no_exception(at)
+    assert at.segmented_control(key=state.NAV_KEY).value == "Explorer"
+    assert at.query_params["s.1"] == "8" and at.query_params["s.2"] == "24" and "s.3" not in at.query_params
+    sliders = {s.key: s.value for s in at.slider if s.key}
+    assert sliders["k.layer3.0.conv1"] == 40 and sliders["k.layer1.2.conv1"] == 8 and sliders["s.2"] == 24
+    # a damaged file is a warning on the Analysis page, not an exception
+    path.write_text('{"records": [{"label": 1}]}')
+    at = make_app({"page": "analysis"}).run()
+    no_exception(at)
+    assert any(f"`{NAME}.widths.json` could not be read" in w.value for w in at.warning)

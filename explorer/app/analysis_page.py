@@ -33,6 +33,7 @@ from ..analysis.report import options_label as report_options_label
 from ..analysis.results import default_checkpoint
 from ..analysis.search import SUFFIX as SEARCH_SUFFIX, best_record, load_search, pareto_table
 from ..analysis.sensitivity import SUFFIX as SENS_SUFFIX, k_grid, load_sensitivity
+from ..analysis.widths import SUFFIX as WIDTHS_SUFFIX
 from ..clustering import ClusteringConfig
 from ..evaluate import per_class_table
 from ..model import CONV_LAYERS
@@ -41,6 +42,7 @@ from . import charts, state
 from . import support as sup
 
 SEARCH_COMMAND_ARGS = "--budget 0.5 1 2"
+WIDTHS_COMMAND_ARGS = "--widths --target-reduction 0.65 --fold-bn --space data --recovery lsq"
 HEATMAP_CLIP_PTS = 20.0
 # File errors shown as a warning instead of an exception (bad JSON, missing fields, odd values).
 READ_ERRORS = (ckpt.CheckpointError, KeyError, TypeError, ValueError, AttributeError)
@@ -357,6 +359,58 @@ def search_section(path: Path, name: str, checkpoint: Path | None, ft_metas: lis
                                "parameters": st.column_config.NumberColumn(format="localized")})
 
 
+def widths_section(path: Path, name: str, checkpoint: Path | None, view: state.ViewState) -> None:
+    """Whole stage-width shapes ranked at a MACs target (``python -m explorer.search --widths``):
+    the table, best first, and one shape applied to the explorer or downloaded as a configuration."""
+    st.subheader("Whole shapes at a MACs target: a start for fine-tuning")
+    if not path.is_file():
+        st.caption("No shapes ranked for this checkpoint yet: "
+                   f"`{command('search', WIDTHS_COMMAND_ARGS, checkpoint)}`")
+        return
+
+    def load():
+        doc = read_result("json", path)
+        recs = sorted(doc["records"], key=lambda r: (-r["select_top1"], r["macs"]))
+        table = pd.DataFrame([{"shape": r["label"], "MACs saved %": 100 * r["mac_reduction"], "MACs": r["macs"],
+                               "held-out top-1 %": 100 * r["select_top1"], "pp lost": r["select_drop_pts"]}
+                              for r in recs])
+        return doc, recs, table
+
+    loaded = _read_or_warn(path, load)
+    if loaded is None:
+        return
+    doc, recs, table = loaded
+    if not recs:
+        st.caption(f"`{path.name}` has no ranked shape yet.")
+        return
+    st.dataframe(table, hide_index=True, width="stretch", height=min(38 + 35 * len(table), 320),
+                 column_config={"MACs saved %": st.column_config.NumberColumn(format="%.1f"),
+                                "MACs": st.column_config.NumberColumn(format="localized"),
+                                "held-out top-1 %": st.column_config.NumberColumn(format="%.2f"),
+                                "pp lost": st.column_config.NumberColumn(format="%.2f")})
+    base = doc.get("baseline_select_top1")
+    st.caption(f"{len(recs)} shapes: a residual-stream k and one k for every block's first conv, per stage "
+               "(streams s1/s2/s3, conv1 c1/c2/c3), each clustered with the file's options and scored on the 2,000 "
+               "held-out training images, not the test split"
+               + (f" (unclustered: {charts.pct(base)})" if base is not None else "")
+               + ". A rough guide: the net's accuracy is decided by fine-tuning.")
+    labels = [r["label"] for r in recs]
+    pick, a, d = st.columns([3, 2, 1], vertical_alignment="bottom")
+    chosen = pick.selectbox("Shape", labels, key="analysis.width_shape")
+    rec = recs[labels.index(chosen)]
+    try:
+        cfg = ClusteringConfig.from_dict(rec["config"]).validate()
+    except READ_ERRORS as e:
+        st.warning(f"`{path.name}`: the configuration of {chosen} could not be read: {e}", icon=":material/warning:")
+        return
+    a.button("Apply this shape", key="analysis.width_apply", type="primary", width="stretch",
+             on_click=state.apply_configuration, args=(name, cfg, view.layer, view.proj, f"the shape {chosen}"),
+             help="Sets the explorer's sliders, stream ks and options to this shape and opens it")
+    d.download_button("JSON", sup.config_json(cfg), f"{name}_{rec['macs']}macs.config.json", "application/json",
+                      key="analysis.width_json", on_click="ignore", width="stretch",
+                      help="For `python -m explorer.finetune --config FILE`")
+
+
 def _latest(m: dict) -> tuple[float | None, int | None]:
     """Fine-tuned top-1 (final, or the latest evaluated epoch while training) and its epoch."""
     if m.get("after"):
@@ -502,5 +556,7 @@ def render(ctx) -> None:
     finetuned_comparison_section(ft_metas, info.path)
     st.divider()
     search_section(search_path, name, info.path, ft_metas, view)
+    st.divider()
+    widths_section(ckpt_dir / f"{name}{WIDTHS_SUFFIX}", name, info.path, view)
     st.divider()
     finetune_section(ft_metas, ckpt_dir, info.path, name)
