@@ -668,3 +668,17 @@ def test_options_label_names_the_stages_of_a_partial_stream_clustering():
     from explorer.analysis.report import options_label
 
     assert options_label(ClusteringConfig(fold_bn=True, stream={2: 28})).endswith("streams s2 28")
+
+
+def test_distillation_teacher_is_the_bn_folded_base(model, data):
+    from explorer.compress import CompressedResNet20
+    from explorer.training.finetune import distillation_teacher
+
+    teacher = distillation_teacher(model, torch.device("cpu"), torch.channels_last)
+    assert isinstance(teacher, CompressedResNet20) and not teacher.training
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    x = normalize(data.test_images[:16]).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), model.eval()(x), atol=1e-4)
+    assert model.conv1.weight.requires_grad  # the base net is left as it was
