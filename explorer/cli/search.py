@@ -8,8 +8,8 @@ from .. import checkpoints as ckpt
 from ..analysis.results import beside
 from ..analysis.search import (DEFAULT_TAU, OBJECTIVES, STREAM_FRACTIONS, SUFFIX, UNIFORM_KS, most_accurate_record,
                                run_key, run_search, search_stream_setting)
-from ..analysis.widths import SUFFIX as WIDTHS_SUFFIX, rank_widths, width_grid
 from ..analysis.sensitivity import K_GRID, SUFFIX as SENS_SUFFIX
+from ..analysis.widths import SUFFIX as WIDTHS_SUFFIX, rank_widths, width_grid
 from ..clustering import ClusteringConfig, ClusteringError
 from ..model import CONV_LAYER_NAMES
 from .common import add_analysis_args, add_clustering_args, clustering_options, explorer_from_args, parser, run
