@@ -333,6 +333,7 @@ def test_widths_ranking_is_listed_and_a_shape_applies(env, tmp_path, monkeypatch
                in c.value for c in at.caption)
     ckpt.save_json({"options": {}, "baseline_select_top1": 0.5,
                     "records": [_widths_record((8, 24, 64), (8, 8, 40), 0.25),
+                                _widths_record((8, 32, 56), (8, 16, 56), 0.45),  # 50.6%: another target
                                 _widths_record((16, 32, 64), (8, 8, 16), 0.40)]}, path)
     monkeypatch.setattr(explorer.data, "load_cifar10", lambda root=None, download=True: synthetic_cifar10(64, 40, 3))
     at = make_app({"page": "analysis"}).run()
@@ -342,8 +343,14 @@ def test_widths_ranking_is_listed_and_a_shape_applies(env, tmp_path, monkeypatch
     assert list(table["shape"]) == ["streams 16/32/64, conv1 8/8/16", "streams 8/24/64, conv1 8/8/40"]  # best first
     assert table["held-out top-1 %"].tolist() == pytest.approx([40.0, 25.0])
     assert table["MACs"].tolist() == [14_008_960, 14_045_824]
-    assert any("2 shapes" in c.value and "(unclustered: 50.0%)" in c.value for c in at.caption)
-    at.selectbox(key="analysis.width_shape").set_value("streams 8/24/64, conv1 8/8/40").run()
+    assert any("2 shapes, best first" in c.value and "trained on them: 50.0%)" in c.value for c in at.caption)
+    target = at.selectbox(key="analysis.width_target")
+    assert target.value == 65 and target.options == ["65-66% fewer MACs (2 shapes)", "50-51% fewer MACs (1 shape)"]
+    target.set_value(50).run()
+    table = next(df.value for df in at.dataframe if "shape" in df.value.columns)
+    assert list(table["shape"]) == ["streams 8/32/56, conv1 8/16/56"]
+    at.selectbox(key="analysis.width_target").set_value(65).run()
+    at.selectbox(key="analysis.width_shape.65").set_value("streams 8/24/64, conv1 8/8/40").run()
     next(b for b in at.button if b.key == "analysis.width_apply").click().run()
     no_exception(at)
     assert at.segmented_control(key=state.NAV_KEY).value == "Explorer"

@@ -371,32 +371,40 @@ def widths_section(path: Path, name: str, checkpoint: Path | None, view: state.V
     def load():
         doc = read_result("json", path)
         recs = sorted(doc["records"], key=lambda r: (-r["select_top1"], r["macs"]))
-        table = pd.DataFrame([{"shape": r["label"], "MACs saved %": 100 * r["mac_reduction"], "MACs": r["macs"],
-                               "held-out top-1 %": 100 * r["select_top1"], "pp lost": r["select_drop_pts"]}
-                              for r in recs])
-        return doc, recs, table
+        groups: dict[int, list[dict]] = {}  # a ranking per target: shapes by whole percent of MACs saved
+        for r in recs:
+            groups.setdefault(int(100 * float(r["mac_reduction"])), []).append(r)
+        return doc, dict(sorted(groups.items(), reverse=True))
 
     loaded = _read_or_warn(path, load)
     if loaded is None:
         return
-    doc, recs, table = loaded
-    if not recs:
+    doc, groups = loaded
+    if not groups:
         st.caption(f"`{path.name}` has no ranked shape yet.")
         return
+    target = st.selectbox("MACs saved", list(groups), key="analysis.width_target",
+                          format_func=lambda g: f"{g}-{g + 1}% fewer MACs ({len(groups[g])} "
+                                                f"shape{'s' if len(groups[g]) != 1 else ''})")
+    recs = groups[target]
+    table = pd.DataFrame([{"shape": r["label"], "MACs saved %": 100 * r["mac_reduction"], "MACs": r["macs"],
+                           "held-out top-1 %": 100 * r["select_top1"], "pp lost": r["select_drop_pts"]}
+                          for r in recs])
     st.dataframe(table, hide_index=True, width="stretch", height=min(38 + 35 * len(table), 320),
                  column_config={"MACs saved %": st.column_config.NumberColumn(format="%.1f"),
                                 "MACs": st.column_config.NumberColumn(format="localized"),
                                 "held-out top-1 %": st.column_config.NumberColumn(format="%.2f"),
                                 "pp lost": st.column_config.NumberColumn(format="%.2f")})
     base = doc.get("baseline_select_top1")
-    st.caption(f"{len(recs)} shapes: a residual-stream k and one k for every block's first conv, per stage "
-               "(streams s1/s2/s3, conv1 c1/c2/c3), each clustered with the file's options and scored on the 2,000 "
-               "held-out training images, not the test split"
-               + (f" (unclustered: {charts.pct(base)})" if base is not None else "")
+    st.caption(f"{len(recs)} shape{'s' if len(recs) != 1 else ''}, best first: a residual-stream k and one k for every block's first conv, per "
+               "stage (streams s1/s2/s3, conv1 c1/c2/c3; a stream k equal to its width, 16/32/64, leaves it "
+               "unclustered), each clustered with the file's options and scored on the 2,000 held-out training "
+               "images, not the test split"
+               + (f" (the unclustered net, which trained on them: {charts.pct(base)})" if base is not None else "")
                + ". A rough guide: the net's accuracy is decided by fine-tuning.")
     labels = [r["label"] for r in recs]
     pick, a, d = st.columns([3, 2, 1], vertical_alignment="bottom")
-    chosen = pick.selectbox("Shape", labels, key="analysis.width_shape")
+    chosen = pick.selectbox("Shape", labels, key=f"analysis.width_shape.{target}")
     rec = recs[labels.index(chosen)]
     try:
         cfg = ClusteringConfig.from_dict(rec["config"]).validate()

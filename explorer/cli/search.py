@@ -53,7 +53,8 @@ def build_parser():
                    help="write the best configuration for the first budget as JSON (for explorer.finetune / prune)")
     p.add_argument("--target-reduction", type=float, default=None, metavar="FRACTION",
                    help="with --write-config: write instead the most accurate verified configuration that saves at "
-                        "least this fraction of MACs (or params), e.g. 0.45 - a start for fine-tuning")
+                        "least this fraction of MACs (or params), e.g. 0.45 - a start for fine-tuning; with --widths "
+                        "(required there): the fraction of MACs the ranked shapes save")
     p.add_argument("--widths", action="store_true",
                    help="instead: rank whole stage-width shapes (stream k and block-first-conv k per stage) that "
                         "save --target-reduction of MACs (to + --band), by top-1 on held-out training images "

@@ -95,7 +95,8 @@ def distillation_teacher(base: nn.Module, device: torch.device, fmt: torch.memor
     (:func:`explorer.compress.compress` with no clustering; logits equal within 1e-4), in eval mode
     on ``device`` in memory format ``fmt``. Input (N, 3, 32, 32) normalised images, output (N, 10)
     logits. Folding spares the teacher's 19 BatchNorm passes: a forward of 128 images on the 2-core
-    CPU took 86 ms against 112 ms for the eager net, and the teacher is a third of a distilled step."""
+    CPU took 90.6 ms against 111.5 ms for the eager net (no_grad, fp32 channels_last), and the
+    teacher is about a third of a distilled step."""
     teacher = compress(copy.deepcopy(base).float().eval()).to(device).to(memory_format=fmt).eval()
     return teacher.requires_grad_(False)
 
