@@ -23,7 +23,7 @@ from explorer.training.centripetal import CentripetalGroups, project, projected_
 from explorer.training.loop import memory_format, resolve_precision
 from explorer.training.narrow import expand_pruned, narrow_from_tied, write_back
 from explorer.training.finetune import list_finetuned
-from explorer.training.tied import prepare
+from explorer.training.tied import TiedConv, prepare
 from explorer.analysis.baselines import finetuned_table
 from explorer.analysis.charts import finetuned_comparison_chart
 
@@ -57,6 +57,50 @@ def _half_macs_by_hand() -> int:
             total += cin * k * 9 * hw + k * c * 9 * hw  # conv1 (Cin -> k), conv2 (k -> C)
             cin = c
     return total + 64 * 10
+
+
+def _gathered_reference(t: TiedConv, x: torch.Tensor) -> torch.Tensor:
+    """TiedConv's definition: the k-filter conv, its k-channel BatchNorm, then the member gather."""
+    z = torch.nn.functional.conv2d(x, t.centroids, None, t.stride, 1)
+    if t.bn is not None:
+        z = t.bn(z)
+    post = t.gains if t.bn is not None else t.scales
+    return z.index_select(1, t.labels) * post.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("with_bn", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_tied_conv_training_forward_is_its_definition(with_bn, momentum):
+    # Training runs the expanded filter bank (faster on CPU); outputs, centroid and BN gradients and
+    # the k-channel running statistics must be those of the gathered definition.
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 0, 0, 3, 1])  # 12 filters in 5 clusters + 1 empty
+    post = torch.rand(12) + 0.5
+    bn = None
+    if with_bn:
+        bn = torch.nn.BatchNorm2d(6, momentum=momentum)
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.normal_(), bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
+    fast = TiedConv(torch.randn(6, 4, 3, 3), labels, post if bn is None else torch.ones(12), 2, bn, post if bn else None)
+    ref = copy.deepcopy(fast)
+    x = torch.randn(5, 4, 8, 8)
+    for _ in range(2):
+        fast.train(), ref.train()
+        a, b = fast(x), _gathered_reference(ref, x)
+        assert a.shape == (5, 12, 4, 4)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(a)
+        (a * g).sum().backward(), (b * g).sum().backward()
+        torch.testing.assert_close(fast.centroids.grad, ref.centroids.grad, rtol=1e-4, atol=1e-4)
+        if bn is not None:
+            # Cluster 5 has no member: its statistics reach no output (the definition updates them, the
+            # expanded bank leaves them alone).
+            for name in ("running_mean", "running_var"):
+                torch.testing.assert_close(getattr(fast.bn, name)[:5], getattr(ref.bn, name)[:5], rtol=1e-5, atol=1e-6)
+            assert int(fast.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked)
+            torch.testing.assert_close(fast.bn.weight.grad, ref.bn.weight.grad, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(fast.bn.bias.grad, ref.bn.bias.grad, rtol=1e-4, atol=1e-4)
+    fast.eval(), ref.eval()
+    torch.testing.assert_close(fast(x), _gathered_reference(ref, x), rtol=1e-5, atol=1e-5)
 
 
 def test_half_macs_hand_computed():
