@@ -65,42 +65,73 @@ def _gathered_reference(t: TiedConv, x: torch.Tensor) -> torch.Tensor:
     if t.bn is not None:
         z = t.bn(z)
     post = t.gains if t.bn is not None else t.scales
-    return z.index_select(1, t.labels) * post.view(1, -1, 1, 1)
+    return z.index_select(1, t.labels) * post.view(1, -1, 1, 1).to(z.dtype)
 
 
-@pytest.mark.parametrize("with_bn", [False, True])
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_tied_conv_training_forward_is_its_definition(with_bn, momentum):
+BN_KINDS = {  # (momentum, affine, track_running_stats, frozen: bn.eval() while the conv trains)
+    "momentum": (0.1, True, True, False), "cumulative": (None, True, True, False),
+    "not-affine": (0.1, False, True, False), "batch-stats-only": (0.1, True, False, False),
+    "frozen": (0.1, True, True, True)}
+
+
+@pytest.mark.parametrize("bn_kind", [None, *BN_KINDS])
+@pytest.mark.parametrize("unit", [True, False])
+def test_tied_conv_training_forward_is_its_definition(bn_kind, unit):
     # Training runs the expanded filter bank (faster on CPU); outputs, centroid and BN gradients and
     # the k-channel running statistics must be those of the gathered definition.
     torch.manual_seed(0)
     labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 0, 0, 3, 1])  # 12 filters in 5 clusters + 1 empty
-    post = torch.rand(12) + 0.5
+    post = torch.ones(12) if unit else torch.rand(12) + 0.5
     bn = None
-    if with_bn:
-        bn = torch.nn.BatchNorm2d(6, momentum=momentum)
-        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.normal_(), bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
-    fast = TiedConv(torch.randn(6, 4, 3, 3), labels, post if bn is None else torch.ones(12), 2, bn, post if bn else None)
+    if bn_kind is not None:
+        momentum, affine, track, frozen = BN_KINDS[bn_kind]
+        bn = torch.nn.BatchNorm2d(6, momentum=momentum, affine=affine, track_running_stats=track)
+        if affine:
+            bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.normal_()
+        if track:
+            bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
+    fast = TiedConv(torch.randn(6, 4, 3, 3), labels, post if bn is None else torch.ones(12), 2, bn,
+                    post if bn is not None else None)
+    assert fast.unit == unit
     ref = copy.deepcopy(fast)
     x = torch.randn(5, 4, 8, 8)
     for _ in range(2):
-        fast.train(), ref.train()
+        for m in (fast, ref):
+            m.train()
+            if bn is not None and frozen:
+                m.bn.eval()
         a, b = fast(x), _gathered_reference(ref, x)
         assert a.shape == (5, 12, 4, 4)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         g = torch.randn_like(a)
         (a * g).sum().backward(), (b * g).sum().backward()
         torch.testing.assert_close(fast.centroids.grad, ref.centroids.grad, rtol=1e-4, atol=1e-4)
-        if bn is not None:
+        if bn is not None and track:
             # Cluster 5 has no member: its statistics reach no output (the definition updates them, the
             # expanded bank leaves them alone).
             for name in ("running_mean", "running_var"):
                 torch.testing.assert_close(getattr(fast.bn, name)[:5], getattr(ref.bn, name)[:5], rtol=1e-5, atol=1e-6)
-            assert int(fast.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked)
+            assert int(fast.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked) == (0 if frozen else _ + 1)
+        if bn is not None and affine:
             torch.testing.assert_close(fast.bn.weight.grad, ref.bn.weight.grad, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(fast.bn.bias.grad, ref.bn.bias.grad, rtol=1e-4, atol=1e-4)
-    fast.eval(), ref.eval()
-    torch.testing.assert_close(fast(x), _gathered_reference(ref, x), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_conv_training_forward_under_bf16_channels_last():
+    # The fine-tuning setting the expanded bank is for: bf16 autocast, channels_last input.
+    torch.manual_seed(1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 3, 3, 1, 2, 0, 1, 2, 3, 0])
+    bn = torch.nn.BatchNorm2d(4)
+    fast = TiedConv(torch.randn(4, 8, 3, 3), labels, torch.ones(16), 1, bn, torch.rand(16) + 0.5).train()
+    ref = copy.deepcopy(fast)
+    x = torch.randn(16, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = fast(x), _gathered_reference(ref, x)
+    assert a.dtype == b.dtype
+    torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.05)
+    a.float().sum().backward(), b.float().sum().backward()
+    torch.testing.assert_close(fast.centroids.grad, ref.centroids.grad, rtol=0.05, atol=0.5)
+    torch.testing.assert_close(fast.bn.running_mean, ref.bn.running_mean, rtol=0.02, atol=1e-2)
 
 
 def test_half_macs_hand_computed():

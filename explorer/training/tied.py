@@ -90,8 +90,9 @@ class TiedConv(nn.Module):
         (each member a copy of its centroid) rather than on the k centroids followed by a channel
         gather, whose scatter-add backward over the (N, Cout, H, W) activation costs more than the
         extra MACs (a distilled tied step on the 2-core AVX-512 CPU, bf16 channels_last: 156 ->
-        112 ms). The gradient reaching a centroid is the same sum over its members. Eval mode keeps
-        the k-filter conv, and calls ``bn`` as a module (its forward hooks see the k channels)."""
+        116 ms). The gradient reaching a centroid is the same sum over its members. Eval mode keeps
+        the k-filter conv and calls ``bn`` as a module; in training ``bn`` is not called (its
+        forward hooks do not fire; :func:`rebase_batchnorms` hooks it in eval mode)."""
         w = self.centroids.index_select(0, self.labels)
         if self.bn is None:
             if not self.unit:
@@ -102,7 +103,7 @@ class TiedConv(nn.Module):
     def _tied_batchnorm(self, z: torch.Tensor) -> torch.Tensor:
         """``bn`` over the k clusters applied to the Cout member channels of ``z``: members are
         equal, so per-channel statistics equal their cluster's, and the running statistics of the
-        k-channel ``bn`` are updated from its members' (equal) ones (nn.BatchNorm2d's semantics:
+        k-channel ``bn`` are updated from its first member's (nn.BatchNorm2d's semantics:
         momentum, or a cumulative average when momentum is None)."""
         bn, labels = self.bn, self.labels
         factor = 0.0 if bn.momentum is None else bn.momentum
@@ -122,9 +123,13 @@ class TiedConv(nn.Module):
                            var if not batch_stats or bn.track_running_stats else None,
                            weight, bias, batch_stats, factor, bn.eps)
         if batch_stats and bn.running_mean is not None and bn.track_running_stats:
-            with torch.no_grad():  # any member's copy will do: they are equal; empty clusters keep theirs
-                bn.running_mean.index_copy_(0, labels, mean)
-                bn.running_var.index_copy_(0, labels, var)
+            with torch.no_grad():  # from each cluster's first member (deterministic); empty ones keep theirs
+                n = labels.numel()
+                first = torch.full_like(bn.running_mean, n, dtype=torch.long).scatter_reduce_(
+                    0, labels, torch.arange(n, device=labels.device), reduce="amin")
+                present = first < n
+                bn.running_mean[present] = mean[first[present]]
+                bn.running_var[present] = var[first[present]]
         return out
 
     def filters(self) -> torch.Tensor:
