@@ -54,6 +54,10 @@ HEADLINE = {
         "top1": 0.8818, "macs": 20_063_792,
         "export_sha256": "26cc872b8f40360b317c206452c407906a0bfc5da4136e59b86d4266a5b18c16",
     }),
+    "resnet20_cifar10_stream65_kd100_ft.pt": ("64edbd6c4ce5e37f2930095d774cf919d05d3f1680303c1aa9aa1b316044c38b", {
+        "top1": 0.8721, "macs": 14_045_824,
+        "export_sha256": "f8f1e33c734cbbb3a950b06af85799b77d5db715cb63022df6865b4a2c57fe7b",
+    }),
 }
 
 
@@ -122,10 +126,11 @@ def test_stream_net_clustered_as_it_was_fine_tuned(real_data):
 
 @pytest.mark.parametrize("name", ["resnet20_cifar10_half_merged_ft", "resnet20_cifar10_half_fpgm_ft",
                                   "resnet20_cifar10_half_merged5_ft", "resnet20_cifar10_half_centripetal5_ft",
-                                  "resnet20_cifar10_stream50_merged_ft", "resnet20_cifar10_stream50_kd100_ft"])
+                                  "resnet20_cifar10_stream50_merged_ft", "resnet20_cifar10_stream50_kd100_ft",
+                                  "resnet20_cifar10_stream65_kd100_ft"])
 def test_half_point_comparison_nets(real_data, name):
     """Clustering vs pruning after the same 30 epochs at 49.5% fewer MACs (and clustering with
-    residual streams at 50.5%), and merged vs centripetal fine-tuning after the same 5 (the README's
+    residual streams at 50.5% and 65.4%), and merged vs centripetal fine-tuning after the same 5 (the README's
     comparisons): each shipped export, evaluated in fp32 on the test split, gives its row's top-1
     and MACs."""
     from explorer.analysis.latency import load_export
