@@ -655,7 +655,11 @@ def test_stream_url_shows_the_stream_clustered_net(app_env, reference):
     assert metric(at, "Pruned top-1") == charts.pct(want.evaluation.top1)
     assert "residual stream of stage 1" in " ".join(c.value for c in at.caption)
     assert want.compression.macs == 36_606_592  # the stem and stage-1 conv2s write 12 channels
-    assert round(want.evaluation.top1, 4) == 0.8815  # the README's residual-stream table, first row
+    # The README's residual-stream table, first row. Least squares computes its convs in bf16 where the
+    # CPU has native BF16 (explorer.recovery._conv), so the re-fitted net differs a little by CPU kind.
+    from explorer.recovery import _native_bf16
+
+    assert round(want.evaluation.top1, 4) == (0.882 if _native_bf16() else 0.8815)
 
 
 @pytest.mark.realdata
