@@ -59,15 +59,6 @@ def _half_macs_by_hand() -> int:
     return total + 64 * 10
 
 
-def _gathered_reference(t: TiedConv, x: torch.Tensor) -> torch.Tensor:
-    """TiedConv's definition: the k-filter conv, its k-channel BatchNorm, then the member gather."""
-    z = torch.nn.functional.conv2d(x, t.centroids, None, t.stride, 1)
-    if t.bn is not None:
-        z = t.bn(z)
-    post = t.gains if t.bn is not None else t.scales
-    return z.index_select(1, t.labels) * post.view(1, -1, 1, 1).to(z.dtype)
-
-
 BN_KINDS = {  # (momentum, affine, track_running_stats, frozen: bn.eval() while the conv trains)
     "momentum": (0.1, True, True, False), "cumulative": (None, True, True, False),
     "not-affine": (0.1, False, True, False), "batch-stats-only": (0.1, True, False, False),
@@ -78,7 +69,8 @@ BN_KINDS = {  # (momentum, affine, track_running_stats, frozen: bn.eval() while 
 @pytest.mark.parametrize("unit", [True, False])
 def test_tied_conv_training_forward_is_its_definition(bn_kind, unit):
     # Training runs the expanded filter bank (faster on CPU); outputs, centroid and BN gradients and
-    # the k-channel running statistics must be those of the gathered definition.
+    # the k-channel running statistics must be those of the gathered definition (``_gathered``, which
+    # eval mode runs), here with ``bn`` in training mode.
     torch.manual_seed(0)
     labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 0, 0, 3, 1])  # 12 filters in 5 clusters + 1 empty
     post = torch.ones(12) if unit else torch.rand(12) + 0.5
@@ -100,7 +92,7 @@ def test_tied_conv_training_forward_is_its_definition(bn_kind, unit):
             m.train()
             if bn is not None and frozen:
                 m.bn.eval()
-        a, b = fast(x), _gathered_reference(ref, x)
+        a, b = fast(x), ref._gathered(x)
         assert a.shape == (5, 12, 4, 4)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         g = torch.randn_like(a)
@@ -126,7 +118,7 @@ def test_tied_conv_training_forward_under_bf16_channels_last():
     ref = copy.deepcopy(fast)
     x = torch.randn(16, 8, 8, 8).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        a, b = fast(x), _gathered_reference(ref, x)
+        a, b = fast(x), ref._gathered(x)
     assert a.dtype == b.dtype
     torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.05)
     a.float().sum().backward(), b.float().sum().backward()

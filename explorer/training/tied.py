@@ -74,8 +74,11 @@ class TiedConv(nn.Module):
         self.unit = bool(torch.all(post == 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return self._expanded(x)
+        return self._expanded(x) if self.training else self._gathered(x)
+
+    def _gathered(self, x: torch.Tensor) -> torch.Tensor:
+        """The definition (the eval-mode forward): the k-filter conv, ``bn`` over the k channels
+        (called as a module), then each member's channel gathered from its cluster's."""
         z = F.conv2d(x, self.centroids, None, self.stride, 1)
         if self.bn is not None:
             z = self.bn(z)
@@ -90,7 +93,7 @@ class TiedConv(nn.Module):
         (each member a copy of its centroid) rather than on the k centroids followed by a channel
         gather, whose scatter-add backward over the (N, Cout, H, W) activation costs more than the
         extra MACs (a distilled tied step on the 2-core AVX-512 CPU, bf16 channels_last: 156 ->
-        116 ms). The gradient reaching a centroid is the same sum over its members. Eval mode keeps
+        116-127 ms). The gradient reaching a centroid is the same sum over its members. Eval mode keeps
         the k-filter conv and calls ``bn`` as a module; in training ``bn`` is not called (its
         forward hooks do not fire; :func:`rebase_batchnorms` hooks it in eval mode)."""
         w = self.centroids.index_select(0, self.labels)
@@ -111,18 +114,15 @@ class TiedConv(nn.Module):
             bn.num_batches_tracked.add_(1)
             if bn.momentum is None:
                 factor = 1.0 / float(bn.num_batches_tracked)
-        batch_stats = bn.training or bn.running_mean is None
-        mean = var = None
+        mean = var = None  # None without running statistics (track_running_stats=False)
         if bn.running_mean is not None:
             mean, var = bn.running_mean[labels], bn.running_var[labels]  # copies, updated below
         weight = bn.weight[labels] if bn.weight is not None else torch.ones_like(self.gains)
         bias = bn.bias[labels] if bn.bias is not None else torch.zeros_like(self.gains)
         if not self.unit:
             weight, bias = weight * self.gains, bias * self.gains
-        out = F.batch_norm(z, mean if not batch_stats or bn.track_running_stats else None,
-                           var if not batch_stats or bn.track_running_stats else None,
-                           weight, bias, batch_stats, factor, bn.eps)
-        if batch_stats and bn.running_mean is not None and bn.track_running_stats:
+        out = F.batch_norm(z, mean, var, weight, bias, bn.training or mean is None, factor, bn.eps)
+        if bn.training and mean is not None:
             with torch.no_grad():  # from each cluster's first member (deterministic); empty ones keep theirs
                 n = labels.numel()
                 first = torch.full_like(bn.running_mean, n, dtype=torch.long).scatter_reduce_(
